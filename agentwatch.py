@@ -893,7 +893,7 @@ class Source:
 
     async def fetch(
         self, url: str, *, method: str = "GET", conditional: bool = False,
-        headers: dict | None = None, **kwargs: Any,
+        headers: dict | None = None, deadline: float | None = None, **kwargs: Any,
     ) -> Fetched:  # fmt: skip
         """Fetch with a whole-response deadline and a body cap; transport failures
         become TransientError. With `conditional`, sends the stored validators and
@@ -906,9 +906,10 @@ class Source:
         if conditional and self.last_modified:
             headers["If-Modified-Since"] = self.last_modified
         limit = self.settings.max_bytes
+        deadline = deadline or self.settings.fetch_timeout
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.settings.fetch_timeout):
+            async with asyncio.timeout(deadline):
                 async with self.http.stream(method, url, headers=headers, **kwargs) as r:
                     chunks, size = [], 0
                     async for chunk in r.aiter_bytes():  # decompressed: the cap is after it
@@ -920,7 +921,7 @@ class Source:
                         chunks.append(chunk)
         except TimeoutError:
             raise TransientError(
-                f"no complete answer from {_host(url)} within {self.settings.fetch_timeout:g}s",
+                f"no complete answer from {_host(url)} within {deadline:g}s",
                 kind="timeout",
             ) from None
         except httpx2.TimeoutException:
@@ -1304,7 +1305,9 @@ class LLM:
                 ) from None
             except anthropic.APIResponseValidationError as e:
                 raise TransientError(f"LLM answer was malformed: {e}", kind="bad_output") from None
-            except anthropic.AnthropicError as e:  # e.g. a body that is not JSON
+            except ValueError as e:  # the SDK lets json's error through for a non-JSON body
+                raise TransientError(f"LLM answer was not JSON: {e}", kind="bad_output") from None
+            except anthropic.AnthropicError as e:
                 raise TransientError(
                     f"LLM call failed: {type(e).__name__}: {e}", kind="bad_output"
                 ) from None
