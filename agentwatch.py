@@ -1053,6 +1053,15 @@ def _html_to_text(html: str) -> str:
     return re.sub(r"\s+", " ", html_module.unescape(text)).strip()
 
 
+def _entry_text(entry: Any, key: str) -> str:
+    """A field as plain text: markup is stripped only where the feed says it is HTML,
+    so a plain-text title such as "<!channel>" stays what its author wrote."""
+    value = entry.get(key, "") or ""
+    if "html" in (entry.get(f"{key}_detail") or {}).get("type", ""):
+        return _html_to_text(value)
+    return re.sub(r"\s+", " ", value).strip()
+
+
 def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> list[Item]:
     """Parse feed bytes with feedparser (which forgives broken XML and encodings).
     Pure: tested on the corpus. Ids: entry id, else link, else a hash of title and link."""
@@ -1072,7 +1081,7 @@ def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> 
         )
     items, seen = [], set()
     for entry in parsed.entries:
-        title = _html_to_text(entry.get("title", "") or "")
+        title = _entry_text(entry, "title")
         link = entry.get("link", "") or ""
         item_id = entry.get("id") or link
         if not item_id:
@@ -1509,6 +1518,7 @@ class Webhook:
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
         self.next_post_at = 0.0
+        self.bursting = False
         self.task = asyncio.create_task(self._run(), name="slack-webhook")
 
     async def send(self, row: Any) -> None:
@@ -1520,10 +1530,13 @@ class Webhook:
     async def _run(self) -> None:
         while True:
             if not self.pending:
+                self.bursting = False
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 await asyncio.sleep(GATHER_WINDOW)
-            size = GROUP_SIZE if len(self.pending) > GROUP_SIZE else 1
+            # Once a burst is seen, the whole backlog goes out in groups of ten.
+            self.bursting = self.bursting or len(self.pending) > GROUP_SIZE
+            size = GROUP_SIZE if self.bursting else 1
             batch = [(r, f) for r, f in self.pending[:size] if not f.done()]
             del self.pending[:size]
             if not batch:
