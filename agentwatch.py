@@ -1261,8 +1261,9 @@ def item_as_data(row: Any) -> str:
 class LLM:
     """Anthropic Messages API through the SDK, imported on first use."""
 
-    def __init__(self, settings: LLMSettings, store: Store, metrics: Counter):
+    def __init__(self, settings: LLMSettings, store: Store, metrics: Counter, http: Any = None):
         self.settings = settings
+        self.http = http  # the process's client: one pool and one TLS context (~4 MB) for all
         self.store = store
         self.metrics = metrics
         self.limit = asyncio.Semaphore(settings.concurrency)
@@ -1274,11 +1275,13 @@ class LLM:
         if self._client is None:
             import anthropic
 
-            self._client = anthropic.AsyncAnthropic(timeout=self.settings.timeout, max_retries=2)
+            self._client = anthropic.AsyncAnthropic(
+                timeout=self.settings.timeout, max_retries=2, http_client=self.http
+            )
         return self._client
 
     async def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self.http is None:  # a shared client is closed by its owner
             await self._client.close()
 
     def _check_budget(self) -> None:
@@ -2005,13 +2008,13 @@ def make_http_client(settings: Settings) -> Any:
     )
 
 
-def make_llm(config: Config, store: Store, metrics: Counter) -> LLM | None:
+def make_llm(config: Config, store: Store, metrics: Counter, http: Any) -> LLM | None:
     if config.llm.provider == "none":
         return None
     if not os.environ.get("ANTHROPIC_API_KEY"):
         log.warning('ANTHROPIC_API_KEY is not set: running without the LLM (provider "none")')
         return None
-    return LLM(config.llm, store, metrics)
+    return LLM(config.llm, store, metrics, http)
 
 
 class Scheduler:
@@ -2031,7 +2034,7 @@ class Scheduler:
         http = make_http_client(config.agentwatch)
         metrics: Counter = Counter()
         rt = self.rt = Runtime(
-            config=config, store=store, http=http, llm=make_llm(config, store, metrics),
+            config=config, store=store, http=http, llm=make_llm(config, store, metrics, http),
             slack=Slack(config.slack.webhook_url, http, metrics), dry_run=self.dry_run,
             metrics=metrics,
         )  # fmt: skip
