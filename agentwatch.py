@@ -1878,10 +1878,17 @@ def item_text(row: Any, limit: int) -> str:
     meta = " · ".join(p for p in (f"`{cut(row['source'], 80)}`", cut(item_labels(row), 200)) if p)
     if row["author"]:
         meta += f" · by {cut(row['author'], 80)}"
-    summary = item_summary(row) or (row["body"] or "")[:300]
+    summary = item_summary(row)
     text = f"{head}\n{meta}"
     if summary:
         text += f"\n{cut(summary, 600)}"
+    body = row["body"] or ""
+    if body and not row["classification"]:
+        # Untriaged (no LLM, or a URL check): the body is the news, an excerpt or a diff.
+        preformatted = "\n" in body
+        room = min(1500 if preformatted else 300, limit - len(text) - 400)
+        if room > 40:
+            text += f"\n```{cut(body, room)}```" if preformatted else f"\n{cut(body, room)}"
     if row["draft"]:
         room = limit - len(text) - len("\n*Draft reply:*\n")
         if room > 40:

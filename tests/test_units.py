@@ -239,3 +239,19 @@ def test_costs_use_configured_then_family_prices():
     assert agentwatch.price_of(settings, "my-model").output == 4.0
     assert agentwatch.price_of(settings, "claude-haiku-5-5").input == 1.0
     assert agentwatch.price_of(settings, "mystery").input == 0.0
+
+
+def test_an_untriaged_item_shows_its_body_and_a_diff_stays_preformatted():
+    diff = "-Sign up\n+Join the waitlist <now>"
+    text = agentwatch.item_text(
+        row(kind="changed", summary="The sign-up button is gone.", body=diff), 3000
+    )
+    assert "The sign-up button is gone." in text
+    assert "```-Sign up\n+Join the waitlist &lt;now&gt;```" in text
+    plain = agentwatch.item_text(row(body="An excerpt of the post."), 3000)
+    assert plain.endswith("An excerpt of the post.")
+    classified = json.dumps({"relevant": True, "sentiment": "neutral", "intent": "other",
+                             "urgency": "low", "summary": "sum"})  # fmt: skip
+    assert "excerpt" not in agentwatch.item_text(
+        row(body="excerpt", classification=classified), 3000
+    )
