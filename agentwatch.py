@@ -40,6 +40,7 @@ import re
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import tomllib
 import types
@@ -434,10 +435,26 @@ def _check_settings(settings: Settings, llm: LLMSettings) -> None:
 
 
 def parse_host_port(value: str, key: str) -> tuple[str, int]:
+    """An IP address and a port. A missing host or "localhost" means loopback; any
+    other host must be written as an address, so that listening beyond this
+    machine ("0.0.0.0:8787") is always something the user typed, never a name
+    that happens to resolve to a public interface."""
+    import ipaddress
+
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(key, f'expected "host:port" such as "127.0.0.1:8787", got {value!r}')
-    return host.strip("[]") or "127.0.0.1", int(port)
+    host = host.strip("[]")
+    if host in ("", "localhost"):
+        return "127.0.0.1", int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            key, f"{host!r} is not an IP address: use 127.0.0.1 (this machine only), "
+            'or the address to listen on, such as "0.0.0.0:8787" for every interface',
+        ) from None  # fmt: skip
+    return host, int(port)
 
 
 def build_source_config(table: Any, prefix: str) -> SourceConfig:
@@ -2294,6 +2311,8 @@ class Pipeline:
 USER_AGENT = f"agentwatch/{__version__} (+https://github.com/agentwatch/agentwatch)"
 POLLS_AT_ONCE = 50  # concurrent polls during --once and at start-up
 SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
+# [agentwatch] keys a SIGHUP cannot change: the process is built on them.
+RESTART_KEYS = ("db", "pidfile", "health")
 
 
 class RedactingFormatter(logging.Formatter):
@@ -2320,7 +2339,9 @@ class RedactingFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(config: Config | None, level: int = logging.INFO) -> None:
+def setup_logging(
+    config: Config | None, level: int = logging.INFO, also_secret: Iterable[str] = ()
+) -> None:
     settings = config.agentwatch if config else Settings()
     if config and settings.log_file:
         # WatchedFileHandler reopens the file when logrotate moves it away.
@@ -2330,7 +2351,9 @@ def setup_logging(config: Config | None, level: int = logging.INFO) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        RedactingFormatter(settings.log_format, config.secrets() if config else [])
+        RedactingFormatter(
+            settings.log_format, [*(config.secrets() if config else []), *also_secret]
+        )
     )
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -2437,6 +2460,9 @@ class Scheduler:
         self.dry_run = dry_run
         self.source_tasks: dict[str, asyncio.Task] = {}
         self.poll_slots = asyncio.Semaphore(POLLS_AT_ONCE)
+        self.health: HealthServer | None = None
+        self.reloads: set[asyncio.Task] = set()
+        self.reloading = asyncio.Lock()  # two quick SIGHUPs apply one after the other
 
     async def run(self) -> int:
         config = self.config
@@ -2453,9 +2479,11 @@ class Scheduler:
             rt.sources[source_config.name] = make_source(
                 source_config, config.agentwatch, http, rt.shared
             )
+        names = list(rt.sources)
         log.info(
-            "agentwatch %s starting: config %s, %d source(s), LLM %s%s",
-            __version__, config.path, len(rt.sources),
+            "agentwatch %s starting (pid %d): config %s, %d source(s)%s, LLM %s%s",
+            __version__, os.getpid(), config.path, len(names),
+            f" ({', '.join(names[:20])}{', …' if len(names) > 20 else ''})" if names else "",
             "on" if rt.llm else "off", ", dry run" if self.dry_run else "",
         )  # fmt: skip
         try:
@@ -2484,6 +2512,10 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if self.config.agentwatch.health:
+            self.health = HealthServer(self.rt, self.config.agentwatch.health)
+            await self.health.start()
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         await self.tick_loop()
@@ -2578,9 +2610,94 @@ class Scheduler:
                     src.name, failures, delay, error)  # fmt: skip
         return time.time() + delay
 
+    # --- SIGHUP ------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        if not self.rt.stopping.is_set():
+            task = asyncio.create_task(self.reload(), name="reload")
+            self.reloads.add(task)
+            task.add_done_callback(self.reloads.discard)
+
+    async def reload(self) -> None:
+        """Apply a new config without a restart: sources added, removed or changed
+        start, stop or restart; the others keep running untouched. A config that
+        does not load is refused whole and the running one kept."""
+        async with self.reloading:
+            old = self.rt.config
+            log.info("received SIGHUP: reloading %s", old.path)
+            try:
+                new = await asyncio.to_thread(load_config, old.path)
+            except ConfigError as e:
+                log.error("config reload refused, the running config stays: %s", e)
+                return
+            except Exception:  # a bug, or a drop-in gone wrong: still keep the old config
+                log.exception("config reload failed, the running config stays")
+                return
+            if self.rt.stopping.is_set():
+                return
+            # What the process was built on stays as it was until a restart.
+            fixed = {k: getattr(old.agentwatch, k) for k in RESTART_KEYS}
+            later = [f"agentwatch.{k}" for k, v in fixed.items() if getattr(new.agentwatch, k) != v]
+            later += ["llm"] if new.llm != old.llm else []
+            if later:
+                log.warning("%s changed: applied at the next restart", ", ".join(later))
+            new.agentwatch = dataclasses.replace(new.agentwatch, **fixed)
+            new.llm = old.llm
+            before, after = self.rt.source_configs, {s.name: s for s in new.sources}
+            removed = [n for n in before if n not in after]
+            changed = [n for n in before if n in after and after[n] != before[n]]
+            added = [n for n in after if n not in before]
+            for name in removed + changed:
+                await self.stop_source(name)
+            setup_logging(new, also_secret=old.secrets())  # new secrets, maybe a new log_file
+            self.rt.config = self.config = new
+            self.rt.slack.default_url = new.slack.webhook_url
+            for name in changed:
+                self.reschedule(before[name], after[name])
+            for config in new.sources:
+                src = self.rt.sources.get(config.name)
+                if src is None:
+                    src = make_source(config, new.agentwatch, self.rt.http, self.rt.shared)
+                    self.rt.sources[config.name] = src
+                    self.start_source(config.name, src)
+                else:
+                    src.settings = new.agentwatch
+            log.info("config reloaded: %d source(s); added: %s; removed: %s; changed: %s",
+                     len(new.sources), ", ".join(added) or "none", ", ".join(removed) or "none",
+                     ", ".join(changed) or "none")  # fmt: skip
+
+    async def stop_source(self, name: str) -> None:
+        task = self.source_tasks.pop(name, None)
+        self.rt.sources.pop(name, None)
+        if task:
+            task.cancel()  # a poll cut short stores nothing: it is redone later
+            await asyncio.gather(task, return_exceptions=True)
+
+    def reschedule(self, old: SourceConfig, new: SourceConfig) -> None:
+        """A changed source polls within its new interval. When what it watches
+        changed (its type or its own options), the validators, memory, errors and
+        first-poll baseline belonged to the old target: start over, so a new feed
+        URL is baselined instead of flooding Slack with its whole history."""
+        with self.rt.store.transaction() as db:
+            if old.type != new.type or old.options != new.options:
+                db.execute(
+                    """UPDATE sources SET type = ?, etag = NULL, last_modified = NULL, state = '{}',
+                       baseline_done = 0, consecutive_failures = 0, last_error = '',
+                       next_poll_at = NULL WHERE name = ?""",
+                    (new.type, new.name),
+                )
+            else:
+                db.execute(
+                    "UPDATE sources SET next_poll_at = MIN(COALESCE(next_poll_at, 0), ?) WHERE name = ?",
+                    (time.time() + new.every, new.name),
+                )
+
     async def shutdown(self) -> None:
         rt = self.rt
         rt.stopping.set()
+        for task in self.reloads:
+            task.cancel()
+        await asyncio.gather(*self.reloads, return_exceptions=True)
         for task in self.source_tasks.values():
             task.cancel()
         await asyncio.gather(*self.source_tasks.values(), return_exceptions=True)
@@ -2595,8 +2712,319 @@ class Scheduler:
         if rt.llm:
             await rt.llm.close()
         await rt.http.aclose()
+        if self.health:
+            self.health.stop()
         rt.store.close()
-        log.info("agentwatch stopped")
+        log.info("agentwatch stopped (pid %d, up %.0fs)", os.getpid(), time.time() - rt.started_at)
+
+
+# ###########################################################################
+# ### Health
+# ###########################################################################
+#
+# GET /health and GET /metrics come from a thread with its own event loop: a
+# source that blocks the main loop (the very bug this endpoint exists to catch)
+# must not also silence the endpoint that reports it. The thread only reads:
+# plain attributes of the Runtime, a copy of the metrics Counter, and the
+# database through its own connection (WAL lets it read while the loop writes).
+# A frozen process (SIGSTOP, swapped out) answers nothing at all; the watchdog
+# treats no answer within its timeout like a 503.
+
+HEALTH_DEADLINE = 5.0  # seconds a client has to send its whole request, not per read
+HEALTH_MAX_REQUEST = 16 * 1024  # bytes of request line and headers
+HEALTH_MAX_CLIENTS = 64  # connections at once; past that the oldest is dropped
+
+
+def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int, dict]:
+    """The /health answer: 200 while the scheduler ticks, 503 otherwise."""
+    config = rt.config  # one read: a SIGHUP may swap it meanwhile
+    stale_after = config.agentwatch.stale_after
+    last_tick = rt.last_tick_at
+    tick_age = None if last_tick is None else max(0.0, now - last_tick)
+    if rt.stopping.is_set():
+        status = "stopping"
+    elif tick_age is None:
+        status = "starting"
+    elif tick_age > stale_after:
+        status = "stale"
+    else:
+        status = "ok"
+    rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    sources = {}
+    for s in config.sources:
+        r = rows.get(s.name)
+        entry = {
+            "type": s.type,
+            "last_poll_at": iso(r["last_poll_at"]) if r else None,
+            "last_ok_at": iso(r["last_ok_at"]) if r else None,
+            "consecutive_failures": r["consecutive_failures"] if r else 0,
+            "next_poll_at": iso(r["next_poll_at"]) if r else None,
+            "last_error": _redact(r["last_error"], secrets) if r else "",
+        }
+        with contextlib.suppress(Exception):  # a drop-in's describe_state must not break /health
+            if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
+                entry["state"] = state
+        sources[s.name] = entry
+    counts = dict(db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
+    report = {
+        "status": status,
+        "pid": os.getpid(),
+        "version": __version__,
+        "uptime_s": round(now - rt.started_at, 1),
+        "last_tick_at": iso(last_tick),
+        "tick_age_s": None if tick_age is None else round(tick_age, 1),
+        "stale_after_s": stale_after,
+        "last_event_at": iso(rt.last_event_at),
+        "dlq_depth": counts.get("dead", 0),
+        "pending_items": counts.get("pending", 0),
+        "sources": sources,
+    }
+    return (200 if status == "ok" else 503), report
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:  # an error message may quote a URL or a key
+        text = text.replace(secret, "***")
+    return text
+
+
+def _counter_snapshot(counter: Counter) -> dict:
+    # dict(counter) copies in C without releasing the GIL; the retry is for safety.
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):
+            return dict(counter)
+    return {}
+
+
+def _prom_value(value: float) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    return repr(value) if isinstance(value, float) else str(int(value))
+
+
+def _prom_labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        (k, str(v).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n"))
+        for k, v in labels.items()
+    )
+    return "{" + ",".join(f'{k}="{v}"' for k, v in escaped) + "}"
+
+
+def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
+    """Prometheus text exposition format (version 0.0.4). Counters count since
+    the process started; gauges read the database."""
+    metrics = _counter_snapshot(rt.metrics)
+    config = rt.config
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, float]]):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{_prom_labels(labels)} {_prom_value(v)}" for labels, v in samples)
+
+    def by(key: str) -> dict[tuple, float]:
+        return {k[1:]: v for k, v in metrics.items() if isinstance(k, tuple) and k[0] == key}
+
+    names = sorted({s.name for s in config.sources} | {k[0] for k in by("polls")})
+    polls, errors = by("polls"), by("poll_errors")
+    family("agentwatch_polls_total", "counter", "Polls started, by source.",
+           [({"source": n}, polls.get((n,), 0)) for n in names])  # fmt: skip
+    family("agentwatch_poll_errors_total", "counter", "Polls that failed, by source.",
+           [({"source": n}, errors.get((n,), 0)) for n in names])  # fmt: skip
+    family("agentwatch_stage_runs_total", "counter",
+           "Item stages run, by stage and outcome (ok, retry, dead).",
+           [({"stage": s, "outcome": o}, v) for (s, o), v in sorted(by("items_stage").items())])  # fmt: skip
+    family("agentwatch_items", "gauge", "Stored items, by next stage and status.",
+           [({"stage": stage, "status": status}, n) for stage, status, n in db.execute(
+               "SELECT stage, status, COUNT(*) FROM items GROUP BY stage, status ORDER BY 1, 2")])  # fmt: skip
+    family("agentwatch_llm_calls_total", "counter", "Successful LLM calls, by stage.",
+           [({"stage": s}, v) for (s,), v in sorted(by("llm_calls").items())])  # fmt: skip
+    tokens = [({"model": m, "direction": "input"}, v) for (m,), v in by("llm_input_tokens").items()]
+    tokens += [
+        ({"model": m, "direction": "output"}, v) for (m,), v in by("llm_output_tokens").items()
+    ]
+    family("agentwatch_llm_tokens_total", "counter", "LLM tokens, by model and direction.",
+           sorted(tokens, key=lambda s: (s[0]["model"], s[0]["direction"])))  # fmt: skip
+    family("agentwatch_llm_cost_usd_total", "counter", "LLM cost in US dollars, by model.",
+           [({"model": m}, float(v)) for (m,), v in sorted(by("llm_cost_usd").items())])  # fmt: skip
+    family("agentwatch_slack_posts_total", "counter", "Slack webhook posts, by HTTP status.",
+           [({"status": s}, v) for (s,), v in sorted(by("slack_posts").items())])  # fmt: skip
+    dlq = db.execute("SELECT COUNT(*) FROM items WHERE status = 'dead'").fetchone()[0]
+    family("agentwatch_dlq_depth", "gauge", "Items in the dead-letter queue.", [({}, dlq)])
+    rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
+    family("agentwatch_source_consecutive_failures", "gauge", "Failed polls in a row, by source.",
+           [({"source": s.name}, rows[s.name]["consecutive_failures"] if s.name in rows else 0)
+            for s in config.sources])  # fmt: skip
+    family("agentwatch_source_last_ok_timestamp_seconds", "gauge",
+           "When each source last polled successfully (Unix time).",
+           [({"source": s.name}, float(rows[s.name]["last_ok_at"])) for s in config.sources
+            if s.name in rows and rows[s.name]["last_ok_at"] is not None])  # fmt: skip
+    last_tick = rt.last_tick_at
+    family("agentwatch_last_tick_timestamp_seconds", "gauge",
+           "When the scheduler last ticked (Unix time).",
+           [({}, float(last_tick))] if last_tick is not None else [])  # fmt: skip
+    family("agentwatch_start_time_seconds", "gauge", "When the process started (Unix time).",
+           [({}, float(rt.started_at))])  # fmt: skip
+    family("agentwatch_info", "gauge", "Always 1; the version as a label.",
+           [({"version": __version__}, 1)])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+class HealthServer:
+    """HTTP/1.1 (parsed by h11) on its own thread and event loop; one request
+    per connection. A client gets HEALTH_DEADLINE seconds for its whole request
+    and HEALTH_MAX_REQUEST bytes of it, so a slow or garbage client costs a
+    socket for a few seconds, never the scheduler."""
+
+    def __init__(self, rt: Runtime, address: str):
+        self.rt = rt
+        self.host, self.port = parse_host_port(address, "agentwatch.health")
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.done: asyncio.Event | None = None
+        self.error = ""
+        self.clients: dict[asyncio.StreamWriter, None] = {}  # in arrival order
+        self.db: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready,), name="health", daemon=True)
+        self.thread.start()
+        await asyncio.to_thread(ready.wait)
+        if self.error:
+            raise AgentwatchError(
+                f"cannot serve /health on {self.host}:{self.port}: {self.error} "
+                '(choose another port in [agentwatch] health, or "" to turn it off)'
+            )
+        import ipaddress
+
+        url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+        log.info("health: %s/health and %s/metrics", url, url)
+        if not ipaddress.ip_address(self.host).is_loopback:
+            log.warning("health: listening beyond this machine on %s:%s; anyone who can reach "
+                        "it sees source names and errors", self.host, self.port)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.loop and self.done:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self.loop.call_soon_threadsafe(self.done.set)
+        if self.thread:
+            self.thread.join(timeout=5)
+
+    def _main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except Exception as e:
+            log.exception("health server failed")
+            self.error = self.error or f"{type(e).__name__}: {e}"
+        finally:
+            ready.set()
+            if self.db is not None:
+                self.db.close()
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.done = asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._client, self.host, self.port)
+        except OSError as e:
+            self.error = e.strerror or str(e)
+            return
+        ready.set()
+        async with server:
+            await self.done.wait()
+            for writer in list(self.clients):
+                writer.transport.abort()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h11
+
+        if len(self.clients) >= HEALTH_MAX_CLIENTS:
+            # Dropping the oldest, not the newest, keeps a crowd of idle sockets
+            # from locking the watchdog's probe out. Its handler then reads EOF.
+            next(iter(self.clients)).transport.abort()
+        self.clients[writer] = None
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEALTH_MAX_REQUEST)
+        try:
+            try:
+                async with asyncio.timeout(HEALTH_DEADLINE):
+                    request = await self._read_request(reader, conn)
+            except h11.RemoteProtocolError as e:
+                await self._send(writer, conn, e.error_status_hint, f"bad request: {e}\n".encode())
+                return
+            if request is not None:
+                status, body, content_type, headers = self._answer(request)
+                head = request.method == b"HEAD"
+                await self._send(writer, conn, status, body, content_type, headers, head=head)
+        except (TimeoutError, ConnectionError, h11.LocalProtocolError):
+            pass  # too slow, gone, or past saying anything: just close
+        except asyncio.CancelledError:
+            pass  # the server is closing; asyncio 3.11 would log a cancelled handler as an error
+        except Exception:
+            log.exception("health: failed to answer a request")
+        finally:
+            self.clients.pop(writer, None)
+            writer.transport.abort()  # the answer is flushed (drain) or not worth waiting for
+
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader, conn: Any) -> Any:
+        import h11
+
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(8192))  # b"" at EOF: h11 notices
+            elif isinstance(event, h11.Request):
+                return event  # a body, if any, is not read: the connection closes after
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    def _answer(self, request: Any) -> tuple[int, bytes, str, dict]:
+        path = request.target.split(b"?", 1)[0]
+        if path not in (b"/health", b"/metrics"):
+            return 404, b"not found: try /health or /metrics\n", "text/plain; charset=utf-8", {}
+        if request.method not in (b"GET", b"HEAD"):
+            return 405, b"method not allowed\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}
+        now = time.time()
+        try:
+            if self.db is None:
+                self.db = sqlite3.connect(self.rt.store.path, timeout=2.0)
+                self.db.row_factory = sqlite3.Row
+                self.db.execute("PRAGMA query_only = ON")
+            if path == b"/health":
+                status, report = health_report(self.rt, self.db, now)
+                body = json.dumps(report, indent=2).encode() + b"\n"
+                return status, body, "application/json", {}
+            body = metrics_text(self.rt, self.db, now).encode()
+            return 200, body, "text/plain; version=0.0.4; charset=utf-8", {}
+        except sqlite3.Error as e:  # the database is part of being healthy
+            body = json.dumps({"status": "error", "error": f"database: {e}"}).encode() + b"\n"
+            return 503, body, "application/json", {}
+
+    @staticmethod
+    async def _send(
+        writer: asyncio.StreamWriter, conn: Any, status: int, body: bytes,
+        content_type: str = "text/plain; charset=utf-8", headers: dict | None = None,
+        *, head: bool = False,
+    ) -> None:  # fmt: skip
+        from http import HTTPStatus
+
+        import h11
+
+        fields = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                  ("Cache-Control", "no-store"), ("Connection", "close"),
+                  *(headers or {}).items()]  # fmt: skip
+        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        data = conn.send(h11.Response(status_code=status, headers=fields, reason=reason))
+        if not head:  # HEAD: the same headers, no body
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        writer.write(data)
+        async with asyncio.timeout(HEALTH_DEADLINE):  # a client that does not read is cut off
+            await writer.drain()
 
 
 # ###########################################################################
@@ -2699,6 +3127,9 @@ def run(
     except AgentwatchError as e:
         log.error("%s", e)
         raise fail(e) from None
+    except Exception:  # a bug: its traceback goes to the log file, where the user looks
+        log.exception("agentwatch crashed")
+        raise typer.Exit(1) from None
     finally:
         lock.release()
     raise typer.Exit(code)
