@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -51,7 +52,8 @@ def start(config: Path, *args: str, env: dict | None = None, log: Path | None = 
 def feed_config(folder: Path, feeds_url: str, n: int, every: str, *, extra_source: str = "",
                 llm: str = 'provider = "none"', slack: str = "") -> Path:  # fmt: skip
     lines = [
-        "[agentwatch]", 'db = "bench.db"', 'health = ""', 'max_age = "3650d"', "",
+        "[agentwatch]", 'db = "bench.db"', f'health = "127.0.0.1:{free_port()}"',
+        'max_age = "3650d"', "",
         "[llm]", llm, "", "[slack]", f'webhook_url = "{slack}"', "",
     ]  # fmt: skip
     for i in range(n):
@@ -60,6 +62,13 @@ def feed_config(folder: Path, feeds_url: str, n: int, every: str, *, extra_sourc
     path = folder / "agentwatch.toml"
     path.write_text("\n".join(lines))
     return path
+
+
+def free_port() -> int:
+    """The daemon runs with /health on, as it does by default."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def serve_feeds(feeds: FakeFeeds, n: int, items_per_feed: int = 5) -> None:
