@@ -1252,14 +1252,14 @@ class RedditBudget:
                 if time.monotonic() < self.penalty_until:
                     raise TransientError(
                         f"Reddit rate-limited {self.who} (429) and asked to wait; "
-                        f"{wait:.0f}s to go. If it recurs, poll less often (`every`) "
+                        f"{math.ceil(wait)}s to go. If it recurs, poll less often (`every`) "
                         "or watch fewer subreddits with this client id",
                         retry_after=wait,
                         kind="rate_limited",
                     )
                 raise TransientError(
                     f"Reddit's request budget for {self.who} is used up "
-                    f"({self.used:.0f} requests in this window); it resets in {wait:.0f}s. "
+                    f"({self.used:.0f} requests in this window); it resets in {math.ceil(wait)}s. "
                     "Poll less often (`every`) or watch fewer subreddits with this client id",
                     retry_after=wait,
                     kind="rate_limited",
@@ -1397,8 +1397,9 @@ class RedditSource(Source):
     # --- polling -------------------------------------------------------------
 
     async def poll(self) -> list[Item]:
-        # Waits for the rate budget must end well inside the scheduler's own
-        # limit on a poll (fetch_timeout * 4 + 10 s).
+        # Requests may start for 3 x fetch_timeout (waits for the rate budget
+        # included) and each gets fetch_timeout: the poll ends inside the
+        # scheduler's own limit (fetch_timeout * 4 + 10 s).
         until = time.monotonic() + self.settings.fetch_timeout * 3
         self.requests = 0
         if self.state.get("mode") != ("oauth" if self.oauth else "public"):
@@ -1452,14 +1453,15 @@ class RedditSource(Source):
         return self.shared.setdefault("reddit_tokens", {}).setdefault(key, RedditToken())
 
     def _deadline(self, until: float) -> float:
-        left = until - time.monotonic()
-        if left < 1:
+        """A fetch may start until `until`, and gets fetch_timeout at most."""
+        now = time.monotonic()
+        if now > until:
             raise TransientError(
                 "Reddit answered too slowly to finish this poll in time; "
                 "agentwatch retries (check this server's network if it persists)",
                 kind="unreachable",
             )
-        return min(self.settings.fetch_timeout, left)
+        return min(self.settings.fetch_timeout, until + self.settings.fetch_timeout - now)
 
     async def _get(self, path: str, params: dict, until: float) -> Any:
         """One listing through the access ladder: parsed JSON, or a StageError

@@ -252,6 +252,13 @@ class FakeReddit(_FakeServer):
         self._rate: tuple[int, float] | None = None
         self._windows: dict[str, tuple[float, int]] = {}  # client key → (window start, used)
 
+    def start(self):
+        super().start()
+        # socketserver listens with a backlog of 5: ten sources connecting at
+        # once would see SYNs dropped and retried a second later.
+        self._server.socket.listen(128)
+        return self
+
     # -- programming -------------------------------------------------------
 
     def add_client(self, client_id: str, secret: str) -> None:
