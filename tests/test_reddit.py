@@ -1,0 +1,726 @@
+"""The reddit source: parsing the recorded corpus, then OAuth, paging, rate limits
+and the access ladder against a fake Reddit on loopback, and one run end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import signal
+import time
+
+import pytest
+from fake_reddit import (
+    TOKEN_PATH,
+    FakeReddit,
+    comment,
+    corpus,
+    corpus_children,
+    listing_body,
+    post,
+)
+
+import agentwatch
+from agentwatch import ConfigError, Settings, StageError, reddit_items
+
+CLIENT_ID, SECRET = "cid-acme", "s3cret-value-123"
+
+
+@pytest.fixture
+def reddit():
+    with FakeReddit() as fake:
+        fake.add_client(CLIENT_ID, SECRET)
+        yield fake
+
+
+def options(fake: FakeReddit, oauth: bool = True, **more) -> dict:
+    found = {"subreddit": "acme", "base_url": fake.url, "oauth_base_url": fake.url}
+    if oauth:
+        found.update(client_id=CLIENT_ID, client_secret=SECRET)
+    return {**found, **more}
+
+
+class Harness:
+    """Sources of one process (one shared dict, one HTTP client), polled the way
+    the scheduler polls: state round-trips through JSON and is kept only when
+    the poll succeeds."""
+
+    def __init__(self, fetch_timeout: float = 5):
+        self.settings = Settings(fetch_timeout=fetch_timeout)
+        self.shared: dict = {}
+        self.http = None
+
+    def source(self, name: str = "r", **opts) -> agentwatch.RedditSource:
+        config = agentwatch.build_source_config(
+            {"name": name, "type": "reddit", **opts}, "sources[0]"
+        )
+        return agentwatch.make_source(config, self.settings, self.http, self.shared)
+
+    async def poll(self, src) -> list[agentwatch.Item]:
+        before = json.loads(json.dumps(src.state))
+        try:
+            return await src.poll()
+        except BaseException:
+            src.state = before
+            raise
+        finally:
+            src.state = json.loads(json.dumps(src.state))
+
+
+@contextlib.asynccontextmanager
+async def harness(fetch_timeout: float = 5):
+    h = Harness(fetch_timeout)
+    h.http = agentwatch.make_http_client(h.settings)
+    try:
+        yield h
+    finally:
+        await h.http.aclose()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def ids(items) -> list[str]:
+    return [i.item_id for i in items]
+
+
+# ###########################################################################
+# Parsing the recorded answers
+# ###########################################################################
+
+
+def test_new_posts_of_a_subreddit_parse_into_items():
+    items, after = reddit_items(corpus("subreddit_new.json")["body"])
+    assert len(items) == 100 and after == "t3_48f6io"
+    first = items[0]
+    assert first.item_id == "t3_48fbm9"
+    assert first.title.startswith("[Serious] Parents of Reddit, what's the biggest lie")
+    assert first.url == (
+        "https://www.reddit.com/r/AskReddit/comments/48fbm9/"
+        "serious_parents_of_reddit_whats_the_biggest_lie/"
+    )
+    assert first.author == "RedHeadQc"
+    assert first.published_at == 1456821458.0
+    assert first.kind == "post" and first.extra == {"subreddit": "AskReddit"}
+    assert all(i.item_id.startswith("t3_") and i.kind == "post" for i in items)
+    assert all(i.url.startswith("https://www.reddit.com/r/") for i in items)
+
+
+def test_comments_carry_their_posts_title_and_a_full_permalink():
+    # 2016 listings have no permalink on comments: it is built from link_id.
+    items, _ = reddit_items(corpus("subreddit_comments.json")["body"])
+    first = items[0]
+    assert first.item_id == "t1_d4y8bdp" and first.kind == "comment"
+    assert first.title == '[Serious] To anyone who "followed their dreams", how has it panned out?'
+    assert first.body == "great, life is so much better when you can do what you enjoy for a living"
+    assert first.url == "https://www.reddit.com/r/AskReddit/comments/4r4inc/_/d4y8bdp/"
+    assert first.extra == {"subreddit": "AskReddit", "post": "t3_4r4inc"}
+    # Recent listings carry it.
+    items, after = reddit_items(corpus("comments_stream_with_ratelimit_headers.json")["body"])
+    assert items[0].url == (
+        "https://www.reddit.com/r/<TEST_SUBREDDIT>/comments/agi5zf/<TEST_SUBREDDIT>/k3yrfii/"
+    )
+    assert items[0].author == "Acceptable-Bread-566" and after == "t1_k3uzsxu"
+    assert len({i.item_id for i in items}) == 100
+
+
+def test_search_results_lose_the_search_tracking_suffix():
+    items, after = reddit_items(corpus("search_all.json")["body"])
+    assert len(items) == 6 and after is None
+    assert items[0].item_id == "t3_3gpbiu"
+    assert items[0].url == (
+        "https://www.reddit.com/r/redditdev/comments/3gpbiu/prawoauth2util_problem_using_get_banned_raise/"
+    )
+    assert "Problem solved with this" in items[0].body
+
+
+def test_a_mixed_listing_keeps_posts_and_comments_apart():
+    items, _ = reddit_items(corpus("redditor_overview_new_with_ratelimit_headers.json")["body"])
+    kinds = [i.kind for i in items]
+    assert kinds.count("comment") == 90 and kinds.count("post") == 10
+    crosspost = next(i for i in items if i.item_id == "t3_1tvsa59")
+    # A link post's own link is kept; a relative one is made absolute.
+    assert crosspost.extra["link"] == (
+        "https://www.reddit.com/r/RDDT/comments/1tvs5jj/steve_jen_and_drew_here_ask_us_anything/"
+    )
+
+
+def test_deleted_authors_stay_and_odd_children_are_skipped():
+    children = corpus_children("comments_stream_with_ratelimit_headers.json")[:3]
+    children[0]["data"].update(author="[deleted]", body="[deleted]")
+    children[1]["data"]["author"] = None
+    odd = [
+        {"kind": "more", "data": {"count": 4, "children": ["abc"]}},
+        {"kind": "t5", "data": {"name": "t5_2qh1i", "display_name": "AskReddit"}},
+        "garbage",
+        copy.deepcopy(children[2]),  # a duplicate
+    ]
+    items, _ = reddit_items(listing_body(children + odd, None, None))
+    assert ids(items) == [c["data"]["name"] for c in children]
+    assert items[0].author == "[deleted]" and items[0].body == "[deleted]"
+    assert items[1].author == ""
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"message": "Forbidden", "error": 403}, [], "nope", {"kind": "Listing", "data": {}}],
+)
+def test_json_that_is_not_a_listing_is_a_bad_response(answer):
+    with pytest.raises(StageError) as caught:
+        reddit_items(answer)
+    assert caught.value.kind == "bad_response"
+
+
+# ###########################################################################
+# Options
+# ###########################################################################
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({}, "needs a subreddit, a query, or both"),
+        ({"query": "acme", "comments": True}, "comments = true needs a subreddit"),
+        ({"subreddit": "acme", "client_id": "x"}, "client_id and client_secret go together"),
+        ({"subreddit": "bad name!"}, "subreddit must be a name"),
+        ({"subreddit": "acme", "user_agent": "Mozilla/5.0"}, "user_agent must have Reddit's form"),
+        ({"subreddit": "acme", "base_url": "ftp://x"}, "base_url must start with http"),
+    ],
+)
+def test_bad_options_are_config_errors(table, message):
+    with pytest.raises(ConfigError, match=message):
+        agentwatch.build_source_config({"name": "r", "type": "reddit", **table}, "sources[0]")
+
+
+def test_default_user_agent_has_reddits_form_and_a_prefix_is_forgiven():
+    config = agentwatch.build_source_config(
+        {"name": "r", "type": "reddit", "subreddit": "/r/SelfHosted/"}, "s"
+    )
+    assert config.options.subreddit == "SelfHosted"
+    assert config.options.user_agent == (
+        f"python:agentwatch:v{agentwatch.__version__} (by /u/agentwatch)"
+    )
+
+
+# ###########################################################################
+# OAuth
+# ###########################################################################
+
+
+def test_token_is_fetched_once_and_shared_by_sources_with_the_same_app(reddit):
+    reddit.listing("/r/acme/new").load("subreddit_new.json")
+    reddit.listing("/r/other/new").add(post(subreddit="other"))
+
+    async def scenario():
+        async with harness() as h:
+            a = h.source("a", **options(reddit))
+            b = h.source("b", **options(reddit, subreddit="other"))
+            for _ in range(3):
+                assert len(await h.poll(a)) == 100
+                assert len(await h.poll(b)) == 1
+
+    run(scenario())
+    assert reddit.token_requests() == 1
+    listings = [r for r in reddit.requests() if r["path"] != TOKEN_PATH]
+    assert len(listings) == 6 and all(r["status"] == 200 for r in listings)
+    assert {r["auth"] for r in listings} == {"bearer"}
+    assert {r["client"] for r in listings} == {CLIENT_ID}
+    token = reddit.requests(TOKEN_PATH)[0]
+    assert token["auth"] == "basic" and token["method"] == "POST"
+    assert listings[0]["path"] == "/r/acme/new"  # oauth.reddit.com takes no .json
+    assert listings[0]["query"] == {"limit": "100", "raw_json": "1"}
+    user_agent = agentwatch.REDDIT_USER_AGENT
+    assert {r["headers"]["user-agent"] for r in reddit.requests()} == {user_agent}
+
+
+def test_token_is_refreshed_before_it_expires():
+    with FakeReddit(token_ttl=2) as fake:
+        fake.add_client(CLIENT_ID, SECRET)
+        fake.listing("/r/acme/new")
+
+        async def scenario():
+            async with harness() as h:
+                src = h.source(**options(fake))
+                await h.poll(src)
+                await h.poll(src)
+                await asyncio.sleep(2)
+                await h.poll(src)
+
+        run(scenario())
+        assert fake.token_requests() == 2
+        assert fake.hits(status=401) == 0
+
+
+def test_a_refused_token_is_refreshed_once(reddit):
+    reddit.listing("/r/acme/new").add(post())
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit))
+            await h.poll(src)
+            reddit.revoke_tokens()  # Reddit dropped it early
+            assert len(await h.poll(src)) == 1
+            # Refused again right after a refresh: say so, do not loop.
+            reddit.script([("expired",), ("expired",)], path="/r/acme/new")
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "auth_failed"
+    assert "freshly issued access token" in str(error) and "reddit.com/prefs/apps" in str(error)
+    assert reddit.token_requests() == 3
+    assert reddit.hits("/r/acme/new") == 5  # 1 + (401, 200) + (401, 401)
+
+
+def test_bad_credentials_are_reported_as_auth_failed(reddit):
+    reddit.listing("/r/acme/new")
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, client_secret="wrong-secret"))
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "auth_failed"
+    assert "client_id/client_secret" in str(error) and "prefs/apps" in str(error)
+    assert "wrong-secret" not in str(error)
+    assert reddit.hits("/r/acme/new") == 0
+
+
+def test_a_token_answer_with_an_error_field_is_auth_failed(reddit):
+    reddit.script([("status", 200, {"error": "unsupported_grant_type"})], path=TOKEN_PATH)
+
+    async def scenario():
+        async with harness() as h:
+            with pytest.raises(StageError) as caught:
+                await h.poll(h.source(**options(reddit)))
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "auth_failed" and "'script'" in str(error)
+
+
+# ###########################################################################
+# What a poll reads
+# ###########################################################################
+
+
+def test_without_credentials_the_public_json_endpoints_are_used(reddit):
+    reddit.listing("/r/acme/new").add(post(title="hello"))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, oauth=False))
+            return await h.poll(src), src
+
+    items, src = run(scenario())
+    assert [i.title for i in items] == ["hello"]
+    (request,) = reddit.requests()
+    assert request["path"] == "/r/acme/new.json" and request["auth"] is None
+    assert src.describe_state(src.state).startswith("public JSON; newest post")
+
+
+def test_each_kind_of_source_reads_its_listings(reddit):
+    reddit.listing("/r/acme/new").add(post(title="acme is slow"), post(title="unrelated"))
+    reddit.listing("/r/acme/comments").add(comment(body="meh"))
+    reddit.listing("/r/elsewhere/new").add(post(title="acme rocks", subreddit="elsewhere"))
+
+    async def scenario():
+        async with harness() as h:
+            results = {}
+            for name, opts in {
+                "posts": {},
+                "comments": {"comments": True},
+                "search_in": {"query": "acme"},
+                "search_all": {"query": "acme", "subreddit": ""},
+                "combined": {"query": "acme", "comments": True},
+            }.items():
+                src = h.source(name, **options(reddit, **opts))
+                results[name] = (await h.poll(src), src.state["requests"])
+            return results
+
+    results = run(scenario())
+    titles = {name: sorted(i.title for i in items) for name, (items, _) in results.items()}
+    assert titles["posts"] == ["acme is slow", "unrelated"]
+    assert titles["comments"] == ["A post", "acme is slow", "unrelated"]
+    assert titles["search_in"] == ["acme is slow"]
+    assert titles["search_all"] == ["acme is slow", "acme rocks"]
+    assert titles["combined"] == ["A post", "acme is slow"]
+    # One request per listing, plus the one token request they all share.
+    assert {name: n for name, (_, n) in results.items()} == {
+        "posts": 2, "comments": 2, "search_in": 1, "search_all": 1, "combined": 2,
+    }  # fmt: skip
+    assert reddit.token_requests() == 1
+    search = reddit.requests("/r/acme/search")[0]["query"]
+    assert search["sort"] == "new" and search["restrict_sr"] == "1" and search["q"] == "acme"
+    assert "restrict_sr" not in reddit.requests("/search")[0]["query"]
+
+
+def test_a_quiet_subreddit_is_not_a_failure(reddit):
+    reddit.listing("/r/acme/new")
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit))
+            return [await h.poll(src) for _ in range(3)], src
+
+    polls, src = run(scenario())
+    assert polls == [[], [], []]
+    assert src.describe_state(src.state) == "OAuth; no post yet; 1 request(s) last poll"
+
+
+# ###########################################################################
+# Paging
+# ###########################################################################
+
+
+def comments_at(n: int, start: float) -> list[dict]:
+    return [comment(body=f"c{i}", created=start + i) for i in range(n)]
+
+
+def test_a_burst_of_more_than_100_new_items_is_paged_through(reddit):
+    comments = reddit.listing("/r/acme/comments")
+    comments.add(*comments_at(100, 1_000_000))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, subreddit="acme", comments=True, query="zzz"))
+            baseline = await h.poll(src)
+            burst = comments_at(250, 2_000_000)
+            comments.add(*burst)
+            found = await h.poll(src)
+            again = await h.poll(src)
+            return baseline, burst, found, again
+
+    baseline, burst, found, again = run(scenario())
+    assert len(baseline) == 100  # the first poll reads one page: the baseline
+    assert {t["data"]["name"] for t in burst} <= set(ids(found))
+    pages = [r["query"] for r in reddit.requests("/r/acme/comments")]
+    assert len(pages) == 1 + 3 + 1
+    assert "after" not in pages[1]
+    assert pages[2]["after"] == burst[150]["data"]["name"] and pages[2]["count"] == "100"
+    assert pages[3]["after"] == burst[50]["data"]["name"] and pages[3]["count"] == "200"
+    assert ids(again) == ids(found)[:100]  # nothing new: one page, already known
+
+
+def test_paging_is_bounded(reddit, caplog):
+    comments = reddit.listing("/r/acme/comments")
+    comments.add(*comments_at(5, 1_000_000))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, query="zzz", comments=True))
+            await h.poll(src)
+            comments.add(*comments_at(1200, 2_000_000))
+            return await h.poll(src)
+
+    with caplog.at_level(logging.WARNING):
+        found = run(scenario())
+    assert len(found) == 1000
+    assert reddit.hits("/r/acme/comments") == 1 + agentwatch.REDDIT_MAX_PAGES
+    assert "more than 1000 new items" in caplog.text
+
+
+def test_a_deleted_newest_item_does_not_stop_the_next_poll(reddit):
+    new = reddit.listing("/r/acme/new")
+    new.add(*[post(title=f"p{i}", created=1_000_000 + i) for i in range(3)])
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit))
+            await h.poll(src)
+            del new.things[0]  # the newest post seen is removed
+            new.add(post(title="fresh", created=1_000_010))
+            return await h.poll(src)
+
+    assert [i.title for i in run(scenario())] == ["fresh", "p1", "p0"]
+    assert reddit.hits("/r/acme/new") == 2
+
+
+# ###########################################################################
+# Rate limits
+# ###########################################################################
+
+
+def test_rate_limit_headers_slow_polls_before_a_429(reddit):
+    """Two sources of one app, two requests a poll each, against a budget of 6
+    requests a 1-second window: the budget runs out every round and a half, and
+    the sources wait for the reset instead of running into 429s."""
+    reddit.listing("/r/acme/new")
+    reddit.listing("/r/acme/comments")
+    reddit.rate_limit(6, window=1)
+
+    async def scenario():
+        async with harness() as h:
+            a = h.source("a", **options(reddit, comments=True))
+            b = h.source("b", **options(reddit, comments=True))
+            started = time.monotonic()
+            for _ in range(4):
+                await asyncio.gather(h.poll(a), h.poll(b))
+            return time.monotonic() - started
+
+    took = run(scenario())
+    listings = [r for r in reddit.requests() if r["path"] != TOKEN_PATH]
+    assert len(listings) == 16 and reddit.hits(status=429) == 0
+    assert {r["status"] for r in listings} == {200}
+    assert took >= 1  # 16 requests at 6 a window span at least three windows
+
+
+def test_a_low_budget_is_spread_evenly_until_the_reset():
+    budget = agentwatch.RedditBudget("client id x")
+    now = time.monotonic()
+    budget.settle(
+        {"x-ratelimit-remaining": "500.0", "x-ratelimit-used": "500", "x-ratelimit-reset": "100"}
+    )
+    assert budget.delay(now) == 0  # plenty left: no pacing
+    budget.last_sent = now
+    budget.settle(
+        {"x-ratelimit-remaining": "50.0", "x-ratelimit-used": "950", "x-ratelimit-reset": "100"}
+    )
+    assert budget.delay(now) == pytest.approx(100 / 50, abs=0.05)  # 50 left for 100 s
+    # An answer that overtook an older one does not raise the count back up...
+    budget.settle(
+        {"x-ratelimit-remaining": "60.0", "x-ratelimit-used": "940", "x-ratelimit-reset": "100"}
+    )
+    assert budget.remaining == 50
+    # ...but a new window (a later reset) does.
+    budget.settle(
+        {"x-ratelimit-remaining": "999.0", "x-ratelimit-used": "1", "x-ratelimit-reset": "599"}
+    )
+    assert budget.remaining == 999 and budget.delay(time.monotonic()) == 0
+    budget.settle(
+        {"x-ratelimit-remaining": "0.0", "x-ratelimit-used": "1000", "x-ratelimit-reset": "30"}
+    )
+    assert budget.delay(time.monotonic()) == pytest.approx(30, abs=0.1)  # spent: wait for the reset
+
+
+def test_a_spent_budget_with_a_distant_reset_fails_the_poll_without_a_request(reddit):
+    reddit.listing("/r/acme/new")
+    reddit.script([("ratelimit", "0.0", "300")], path="/r/acme/new")
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit))
+            await h.poll(src)
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "rate_limited" and 290 <= error.retry_after <= 300
+    assert "budget" in str(error) and "used up" in str(error) and CLIENT_ID in str(error)
+    assert reddit.hits("/r/acme/new") == 1
+
+
+def test_429_retry_after_is_respected_by_every_source_of_the_app(reddit):
+    reddit.listing("/r/acme/new").add(post())
+    reddit.script([("429", "2")], path="/r/acme/new")
+
+    async def scenario():
+        async with harness(fetch_timeout=2) as h:
+            a = h.source("a", **options(reddit))
+            b = h.source("b", **options(reddit))
+            with pytest.raises(StageError) as caught:
+                await h.poll(a)
+            limited_at = time.time()
+            items = await h.poll(b)  # waits out the penalty, then reads
+            return caught.value, limited_at, items
+
+    error, limited_at, items = run(scenario())
+    assert error.kind == "rate_limited" and error.retry_after == 2
+    assert "429" in str(error) and "every" in str(error)
+    assert len(items) == 1
+    times = [r["time"] for r in reddit.requests("/r/acme/new")]
+    during = [t for t in times if limited_at < t < limited_at + 1.9]
+    assert len(times) == 2 and during == []
+
+
+def test_a_long_429_penalty_fails_other_sources_without_requests(reddit):
+    reddit.listing("/r/acme/new")
+    reddit.script([("429", "120")], path="/r/acme/new")
+
+    async def scenario():
+        async with harness() as h:
+            a, b = h.source("a", **options(reddit)), h.source("b", **options(reddit))
+            errors = []
+            for src in (a, b, a):
+                with pytest.raises(StageError) as caught:
+                    await h.poll(src)
+                errors.append(caught.value)
+            return errors
+
+    errors = run(scenario())
+    assert [e.kind for e in errors] == ["rate_limited"] * 3
+    assert all(100 < e.retry_after <= 120 for e in errors)
+    assert reddit.hits("/r/acme/new") == 1
+
+
+# ###########################################################################
+# The access ladder
+# ###########################################################################
+
+
+@pytest.mark.parametrize(
+    ("fault", "oauth", "kind", "words"),
+    [
+        (("blocked",), False, "blocked", ["blocks unauthenticated requests", "client_id"]),
+        (("blocked",), True, "blocked", ["although they carry an OAuth token", "user_agent"]),
+        (("html", 200), True, "blocked", ["HTML page where JSON was expected"]),
+        (("status", 403, {"reason": "private"}), True, "blocked", ["r/acme", "private"]),
+        (("status", 404), True, "bad_response", ["no r/acme", "subreddit"]),
+        (("invalid_json",), True, "bad_response", ["not valid JSON", "retries"]),
+        (("status", 503), True, "server_error", ["503", "retries"]),
+        (("429", None), True, "rate_limited", ["429", "every"]),
+    ],
+)
+def test_failures_are_told_apart_in_plain_words(reddit, fault, oauth, kind, words):
+    reddit.listing("/r/acme/new").add(post())
+    reddit.script([fault], path="/r/acme/new.json" if not oauth else "/r/acme/new")
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, oauth=oauth))
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == kind
+    for word in words:
+        assert word in str(error)
+
+
+def test_a_blocked_public_answer_points_at_oauth(reddit):
+    reddit.block_public = True
+
+    async def scenario():
+        async with harness() as h:
+            with pytest.raises(StageError) as caught:
+                await h.poll(h.source(**options(reddit, oauth=False)))
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "blocked"
+    assert str(error) == (
+        "Reddit blocks unauthenticated requests from this server (403, an HTML page): create a "
+        "'script' app at https://www.reddit.com/prefs/apps and set client_id and client_secret "
+        "on this source"
+    )
+
+
+def test_an_unreachable_reddit_says_so(offline):
+    async def scenario():
+        async with harness() as h:
+            src = h.source(subreddit="acme", base_url=offline)
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "unreachable" and "cannot reach Reddit" in str(error)
+
+
+# ###########################################################################
+# End to end: the agentwatch process
+# ###########################################################################
+
+
+def reddit_config(
+    make_config, fake: FakeReddit, llm: str = 'about = "Acme is an analytics tool."', **source
+):
+    keys = "\n".join(f"{k} = {json.dumps(v)}" for k, v in source.items())
+    return make_config(f"""
+        [agentwatch]
+        db = "aw.db"
+        health = ""
+        retry_base = "1s"
+        retry_max = "1s"
+
+        [llm]
+        {llm}
+
+        [slack]
+        webhook_url = "${{SLACK_WEBHOOK_URL}}"
+
+        [[sources]]
+        name = "r-acme"
+        type = "reddit"
+        every = "1s"
+        base_url = "{fake.url}"
+        oauth_base_url = "{fake.url}"
+        {keys}
+    """)
+
+
+def test_a_new_negative_comment_reaches_slack_with_a_draft(
+    reddit, slack, anthropic_fake, make_config, start_cli
+):
+    reddit.listing("/r/acme/new").add(post(title="Acme 2.0 is out"))
+    comments = reddit.listing("/r/acme/comments")
+    comments.add(comment(body="nice", post_title="Acme 2.0 is out"))
+    config = reddit_config(
+        make_config, reddit, subreddit="acme", comments=True, client_id=CLIENT_ID,
+        client_secret="${REDDIT_SECRET}",
+    )  # fmt: skip
+    proc = start_cli("run", config=config, env={"REDDIT_SECRET": SECRET})
+    reddit.wait_for(lambda: reddit.hits("/r/acme/comments", 200) >= 2, timeout=15)
+    new = comment(
+        body="Since 2.0 the dashboard crashes every time I open it",
+        author="[deleted]", post_title="Acme 2.0 is out",
+    )  # fmt: skip
+    comments.add(new)
+    slack.wait_for(1, timeout=15)
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    text = slack.text()
+    assert "Acme 2.0 is out" in text
+    assert new["data"]["permalink"] in text
+    assert "Thanks for the report" in text  # the draft
+    assert len(slack.posts()) == 1  # the baseline stayed quiet
+    assert reddit.token_requests() == 1
+    assert SECRET not in proc.stderr_text()
+
+
+def test_the_process_stays_up_and_status_says_why_nothing_arrives(
+    reddit, make_config, start_cli, run_cli
+):
+    reddit.listing("/r/acme/new").add(post())
+    config = reddit_config(make_config, reddit, llm='provider = "none"', subreddit="acme")
+    reddit.block_public = True
+    proc = start_cli("run", config=config)
+    proc.wait_for_output(r"poll r-acme failed .*blocks unauthenticated requests")
+    status = run_cli("status", config=config, env={"COLUMNS": "1000"})
+    assert status.returncode == 0, status.stderr
+    assert "Reddit blocks unauthenticated requests" in status.stdout
+    assert "reddit.com/prefs/apps" in status.stdout
+    reddit.script([("invalid_json",)])  # taken by the next request, blocked or not
+    reddit.block_public = False
+    proc.wait_for_output(r"poll r-acme failed .*not valid JSON")
+    proc.wait_for_output(r"source r-acme recovered")
+    status = run_cli("status", config=config, env={"COLUMNS": "1000"})
+    assert "public JSON; newest post" in status.stdout
+    assert "blocks" not in status.stdout
+    assert proc.returncode is None
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
+def test_preview_shows_what_the_source_returns_now(reddit, make_config, run_cli):
+    reddit.listing("/r/acme/new").load("subreddit_new.json")
+    config = reddit_config(make_config, reddit, subreddit="acme", client_id=CLIENT_ID,
+                           client_secret=SECRET)  # fmt: skip
+    result = run_cli("preview", "r-acme", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "r-acme: 100 item(s)" in result.stdout and "t3_48fbm9" in result.stdout
+    check = run_cli("check", config=config)
+    assert f"r/acme new posts (OAuth as client id {CLIENT_ID})" in check.stdout
+    reddit.script([("blocked",)])
+    result = run_cli("preview", "r-acme", config=config)
+    assert result.returncode == 1
+    assert "r-acme: Reddit blocked this server's requests" in result.stderr
