@@ -168,6 +168,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Do not join handler threads on close: one may be sleeping in a "hang" fault.
     block_on_close = False
+    # socketserver's default backlog of 5 drops connections when hundreds of
+    # sources connect at once (the client then retries a SYN after a second).
+    request_queue_size = 128
 
     def __init__(self, fake: _FakeServer):
         self.fake = fake
