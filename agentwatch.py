@@ -890,7 +890,11 @@ class Source:
         self.state: dict = {}  # persisted with each successful poll
         self.etag: str | None = None
         self.last_modified: str | None = None
-        self.log = logging.getLogger(f"agentwatch.source.{self.name}")
+
+    @property
+    def log(self) -> logging.Logger:
+        # Looked up when used: a logger held by each of a thousand sources costs memory.
+        return logging.getLogger(f"agentwatch.source.{self.name}")
 
     async def poll(self) -> list[Item]:
         raise NotImplementedError
