@@ -3678,12 +3678,14 @@ def preview(
         names = ", ".join(s.name for s in cfg.sources) or "none"
         raise fail(ConfigError("sources", f"no source named {source_name!r} (sources: {names})"))
 
+    src = make_source(source_config, cfg.agentwatch, None, {})
+
     async def fetch() -> list[Item]:
-        http = make_http_client(cfg.agentwatch)
+        src.http = make_http_client(cfg.agentwatch)
         try:
-            return await make_source(source_config, cfg.agentwatch, http, {}).poll()
+            return await src.poll()
         finally:
-            await http.aclose()
+            await src.http.aclose()
 
     try:
         items = asyncio.run(fetch())
@@ -3701,6 +3703,10 @@ def preview(
             item.url, "yes" if source_config.matches(item) else "no",
         )  # fmt: skip
     Console().print(table)
+    # A source that reports state changes (a URL check) has no items on a first
+    # look; what it found is its state.
+    if state := src.describe_state(src.state):
+        Console().print(f"state: {state}")
 
 
 @app.command()

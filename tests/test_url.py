@@ -367,3 +367,13 @@ def test_describe_state():
         )
         == "down since 2026-01-02T03:04:05Z (status 503 (expected 200)); last check: no answer"
     )
+
+
+def test_preview_shows_the_state_a_first_check_found(target, make_config, run_cli):
+    config = url_config(make_config, target.url, fail_after=1)
+    target.answer(status=503)
+    result = run_cli("preview", "site", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "state: down since" in result.stdout and "status 503" in result.stdout
+    assert target.hits == 1
+    assert run_cli("status", config=config).stdout.count("never") >= 1, "preview stored nothing"
