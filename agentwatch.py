@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import importlib.util
 import json
@@ -363,6 +364,11 @@ class Config:
     def pidfile_path(self) -> Path:
         p = Path(self.agentwatch.pidfile).expanduser()
         return p if p.is_absolute() else self.db_path.parent / p
+
+    @functools.cached_property
+    def sources_by_name(self) -> dict[str, SourceConfig]:
+        # Read for every item stage; a reload swaps the whole Config, so caching is safe.
+        return {s.name: s for s in self.sources}
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""
@@ -715,16 +721,13 @@ class Store:
                 (etag, last_modified, now, now, next_poll_at, json.dumps(state), source),
             )
 
-    def record_poll_failure(self, source: str, error: str, next_poll_at: float) -> int:
+    def record_poll_failure(self, source: str, error: str, next_poll_at: float) -> None:
         with self.transaction() as db:
             db.execute(
                 """UPDATE sources SET last_poll_at = ?, consecutive_failures =
                    consecutive_failures + 1, next_poll_at = ?, last_error = ? WHERE name = ?""",
                 (time.time(), next_poll_at, error, source),
             )
-            return db.execute(
-                "SELECT consecutive_failures FROM sources WHERE name = ?", (source,)
-            ).fetchone()[0]
 
     # --- items ---------------------------------------------------------------
 
@@ -2953,7 +2956,7 @@ class Runtime:
 
     @property
     def source_configs(self) -> dict[str, SourceConfig]:
-        return {s.name: s for s in self.config.sources}
+        return self.config.sources_by_name
 
 
 def make_http_client(settings: Settings) -> Any:
@@ -3097,11 +3100,16 @@ class Scheduler:
             async with asyncio.timeout(rt.config.agentwatch.fetch_timeout * 4 + 10):
                 items = await src.poll()
         except (StageError, TimeoutError) as e:
-            return self.poll_failed(src, e if isinstance(e, StageError) else
-                                    TransientError("poll took too long", kind="timeout"))  # fmt: skip
+            error = (
+                e
+                if isinstance(e, StageError)
+                else TransientError("poll took too long", kind="timeout")
+            )
+            return self.poll_failed(src, error, row["consecutive_failures"])
         except Exception as e:  # a bug in a source must not stop the others
             log.exception("bug while polling %s", src.name)
-            return self.poll_failed(src, TransientError(f"internal error: {type(e).__name__}: {e}"))
+            error = TransientError(f"internal error: {type(e).__name__}: {e}")
+            return self.poll_failed(src, error, row["consecutive_failures"])
         now = time.time()
         known = rt.store.known_ids(src.name, [i.item_id for i in items])
         rows = admit(
@@ -3126,9 +3134,9 @@ class Scheduler:
             rt.wake.set()
         return next_poll
 
-    def poll_failed(self, src: Source, error: StageError) -> float:
+    def poll_failed(self, src: Source, error: StageError, failures_before: int) -> float:
         rt, settings = self.rt, self.rt.config.agentwatch
-        failures = rt.store.source_row(src.name, src.type)["consecutive_failures"] + 1
+        failures = failures_before + 1
         cap = max(src.config.every, settings.retry_max)
         delay = max(
             min(cap, src.config.every * 2 ** min(failures, 20)) * random.uniform(0.9, 1.1),

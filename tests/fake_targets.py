@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,23 +114,12 @@ class FakeTarget(fakes._FakeServer):
 
     # -- lifecycle: the TLS variant needs its own server class --------------
 
-    def start(self):
-        if self._server is None:
-            self._stopping.clear()
-            if self.tls is None:
-                self._server = fakes._Server(self)
-            else:
-                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                context.load_cert_chain(self.tls.cert, self.tls.key)
-                self._server = _TLSServer(self, context)
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"FakeTarget-{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
-        return self
+    def _make_server(self):
+        if self.tls is None:
+            return fakes._Server(self)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls.cert, self.tls.key)
+        return _TLSServer(self, context)
 
     @property
     def url(self) -> str:

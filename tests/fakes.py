@@ -213,10 +213,14 @@ class _FakeServer:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def _make_server(self) -> _Server:
+        """The listening server; a fake that speaks TLS overrides this."""
+        return _Server(self)
+
     def start(self):
         if self._server is None:
             self._stopping.clear()
-            self._server = _Server(self)
+            self._server = self._make_server()
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
                 kwargs={"poll_interval": 0.05},
