@@ -8,10 +8,11 @@ import json
 import signal
 
 from fakes import rss
-from helpers import items, recent, rows, wait_until
+from helpers import items, recent, rows
 
-FAQ = "# Acme FAQ\n\n## Pricing\n\nAcme costs $10 a month; see https://acme.example/pricing.\n\n" + (
-    "## Export\n\nUse Settings > Export to download a CSV of every event.\n\n" * 40
+FAQ = (
+    "# Acme FAQ\n\n## Pricing\n\nAcme costs $10 a month; see https://acme.example/pricing.\n\n"
+    + ("## Export\n\nUse Settings > Export to download a CSV of every event.\n\n" * 40)
 )
 
 
@@ -96,7 +97,9 @@ def test_drafts_carry_the_knowledge_block_cached_and_cache_reads_cost_the_cache_
         blocks = request["json"]["system"]
         cached = [b for b in blocks if b.get("cache_control")]
         assert len(cached) == 1 and cached[0]["cache_control"] == {"type": "ephemeral"}
-        assert '<knowledge file="faq.md">' in cached[0]["text"] and "## Pricing" in cached[0]["text"]
+        assert (
+            '<knowledge file="faq.md">' in cached[0]["text"] and "## Pricing" in cached[0]["text"]
+        )
         # Everything up to the mark is the same for every item: a stable cache prefix.
         assert blocks[: blocks.index(cached[0]) + 1] == sent[0]["json"]["system"][:2]
     db = tmp_path / "aw.db"
