@@ -1929,12 +1929,23 @@ def cut(text: str, limit: int) -> str:
     return escape(raw) + "…"
 
 
+URL_LIMIT = 1500  # characters of an escaped URL we link; a longer one is named, not linked
+
+
+def mrkdwn(text: str) -> dict:
+    """A mrkdwn text object. verbatim: Slack must not turn names, channels or bare
+    URLs in outside text into mentions and links; the only links are ours."""
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
+
+
 def slack_link(url: str, title: str, limit: int = 300) -> str:
     text = cut(title or "(no title)", limit)
     if not re.match(r"^https?://[^\s]+$", url or ""):
         return text + (f" ({cut(url, 200)})" if url else "")
     # In a link's URL part, escape the control characters and the text separator.
     safe_url = escape(url).replace("|", "%7C")
+    if len(safe_url) > URL_LIMIT:  # a link cannot be cut: it would end inside the <...>
+        return f"{text} (link too long to show)"
     return f"<{safe_url}|{text.replace('|', '¦')}>"
 
 
@@ -1976,8 +1987,8 @@ def item_text(row: Any, limit: int) -> str:
         room = limit - len(text) - len("\n*Draft reply:*\n")
         if room > 40:
             text += f"\n*Draft reply:*\n{cut(row['draft'], room)}"
-    if len(text) > limit:  # a long head: keep the link whole, shorten the rest
-        text = f"{head}\n{meta}"[:limit]
+    if len(text) > limit:  # only with a tiny limit: never slice, markup would be cut open
+        text = cut(row["title"] or "(no title)", limit)
     return text
 
 
@@ -1991,17 +2002,15 @@ def render_message(rows: list[Any]) -> dict:
             fallback += f" {row['url']}"
         if row["draft"]:
             fallback += f"\nDraft reply: {row['draft']}"
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": body}}]
+        blocks = [{"type": "section", "text": mrkdwn(body)}]
     else:
         sources = sorted({r["source"] for r in rows})
         intro = f"{len(rows)} new items from {', '.join(sources)}"
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": cut(intro, 300)}}]
+        blocks = [{"type": "section", "text": mrkdwn(cut(intro, 300))}]
         per_item = min(SECTION_LIMIT, 2800)
         for row in rows:
             blocks.append({"type": "divider"})
-            blocks.append(
-                {"type": "section", "text": {"type": "mrkdwn", "text": item_text(row, per_item)}}
-            )
+            blocks.append({"type": "section", "text": mrkdwn(item_text(row, per_item))})
         fallback = intro + "".join(f"\n• {r['title'] or '(no title)'} {r['url']}" for r in rows)
     return {
         "text": cut(fallback, TEXT_LIMIT),
