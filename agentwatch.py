@@ -1007,6 +1007,30 @@ class Store:
             (exclude, source, limit),
         ).fetchall()
 
+    def replayable(self, since: float, sources: list[str]) -> list[sqlite3.Row]:
+        """Items of `sources` stored since `since` whose pipeline ran to its end,
+        or that the filters kept out (what a replay can judge again)."""
+        marks = ",".join("?" * len(sources)) or "NULL"
+        return self.db.execute(
+            f"""SELECT * FROM items WHERE created_at >= ? AND source IN ({marks})
+                AND (status IN ('done', 'skipped')
+                     OR (status = 'seen' AND note = 'filtered out by include/exclude'))
+                ORDER BY id""",
+            (since, *sources),
+        ).fetchall()
+
+    def record_spend(self, row: sqlite3.Row, stage: str, usage: LLMUsage) -> None:
+        """An LLM call that changes no item (a replay): only its usage is stored."""
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO llm_usage (at, source, item_id, stage, model, input_tokens,
+                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (time.time(), row["source"], row["item_id"], stage, usage.model,
+                 usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                 usage.cache_write_tokens, usage.cost_usd),
+            )  # fmt: skip
+
     def spend_by_source(self, since: float) -> list[sqlite3.Row]:
         """LLM calls, tokens and dollars per source and stage since `since`."""
         return self.db.execute(
@@ -2382,6 +2406,305 @@ def _api_error_message(error: Any) -> str:
         if isinstance(inner, dict) and inner.get("message"):
             return f"{inner.get('type', 'error')}: {str(inner['message'])[:200]}"
     return str(error)[:200]
+
+
+# --- knowing the cost: estimates and replays --------------------------------
+
+ESTIMATE_WINDOW = 7 * 86400  # the items and calls an estimate learns from
+GUESS_OUTPUT_TOKENS = {"classify": 80, "draft": 250, "summarize": 120}
+GUESS_DRAFT_SHARE = 0.3  # drafts per item when a source has none to learn from
+
+
+@dataclass
+class StageCost:
+    """What one call of a stage costs on average, and how it was found."""
+
+    input_tokens: float = 0.0  # all prompt tokens, cached ones included
+    output_tokens: float = 0.0
+    usd: float = 0.0
+    basis: str = ""  # "this source", "all sources" or "text length"
+
+
+class CostModel:
+    """Average tokens per call of each stage, learnt from llm_usage over the last
+    7 days (the source's own calls, else every source's), priced at today's
+    prices for the models the config names. Without any history, tokens are
+    guessed from text length (about four characters a token)."""
+
+    def __init__(self, store: Store, config: Config, now: float):
+        self.config = config
+        self.since = now - ESTIMATE_WINDOW
+        self.rows = store.db.execute(
+            """SELECT source, stage, COUNT(*) AS calls, SUM(input_tokens) AS input_tokens,
+               SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens,
+               SUM(cache_write_tokens) AS cache_write_tokens FROM llm_usage
+               WHERE at >= ? AND stage IN ('classify', 'draft', 'summarize')
+               GROUP BY source, stage""",
+            (self.since,),
+        ).fetchall()
+
+    def model_of(self, stage: str) -> str:
+        return self.config.llm.draft_model if stage == "draft" else self.config.llm.model
+
+    def calls(self, source: str | None, stage: str) -> int:
+        return sum(r["calls"] for r in self.rows
+                   if r["stage"] == stage and source in (None, r["source"]))  # fmt: skip
+
+    def per_call(self, source: str, stage: str, text_chars: float = 0.0) -> StageCost:
+        for who, basis in ((source, "this source"), (None, "all sources")):
+            rows = [r for r in self.rows if r["stage"] == stage and who in (None, r["source"])]
+            calls = sum(r["calls"] for r in rows)
+            if calls:
+                total = {k: sum(r[k] for r in rows) / calls for k in
+                         ("input_tokens", "output_tokens", "cache_read_tokens",
+                          "cache_write_tokens")}  # fmt: skip
+                return self._priced(stage, total, basis)
+        fixed = len(SYSTEM_PROMPT) + 400  # the prompt, the product line, the item's fields
+        if stage == "classify":
+            fixed += len(CLASSIFY_PROMPT) + len(json.dumps(CLASSIFY_TOOL))
+        elif stage == "draft":
+            fixed += len(DRAFT_PROMPT) + len(json.dumps(DRAFT_SCHEMA))
+            fixed += sum(len(text) for _, text in self.config.knowledge.files)
+        total = {"input_tokens": (fixed + min(text_chars, ITEM_TEXT_LIMIT)) / 4,
+                 "output_tokens": GUESS_OUTPUT_TOKENS.get(stage, 100),
+                 "cache_read_tokens": 0, "cache_write_tokens": 0}  # fmt: skip
+        return self._priced(stage, total, "text length")
+
+    def _priced(self, stage: str, tokens: dict, basis: str) -> StageCost:
+        p = price_of(self.config.llm, self.model_of(stage))
+        usd = (
+            tokens["input_tokens"] * p.input + tokens["output_tokens"] * p.output
+            + tokens["cache_read_tokens"] * p.cache_read
+            + tokens["cache_write_tokens"] * p.input * 1.25
+        ) / 1e6  # fmt: skip
+        prompt = tokens["input_tokens"] + tokens["cache_read_tokens"] + tokens["cache_write_tokens"]
+        return StageCost(prompt, tokens["output_tokens"], usd, basis)
+
+
+def spend_estimate(store: Store, config: Config, now: float) -> list[dict]:
+    """Expected LLM spend per source: items per day (from the last 7 days, or
+    since the source began) × calls per item of each stage × dollars per call."""
+    model = CostModel(store, config, now)
+    found = {r["source"]: r for r in store.db.execute(
+        """SELECT source, COUNT(*) AS n, MIN(created_at) AS first, AVG(LENGTH(title) +
+           LENGTH(body)) AS chars FROM items WHERE created_at >= ? AND status != 'seen'
+           GROUP BY source""", (model.since,))}  # fmt: skip
+    all_items = sum(r["n"] for r in found.values())
+    out = []
+    for s in config.sources:
+        r = found.get(s.name)
+        n = r["n"] if r else 0
+        days = min(7.0, max(1.0, (now - r["first"]) / 86400)) if r else 7.0
+        per_day = n / days
+        stages = {}
+        for stage in ("classify", "draft", "summarize"):
+            calls = model.calls(s.name, stage)
+            if n and calls:
+                share = calls / n
+            elif stage == "classify":
+                share = 1.0 if n else 0.0
+            elif stage == "draft" and s.draft:
+                everyone = model.calls(None, "draft")
+                share = everyone / all_items if everyone and all_items else GUESS_DRAFT_SHARE
+            else:
+                share = 0.0
+            if share:
+                cost = model.per_call(s.name, stage, r["chars"] if r else 0)
+                stages[stage] = {"calls_per_day": per_day * share, "cost": cost,
+                                 "usd_per_day": per_day * share * cost.usd}  # fmt: skip
+        usd = sum(v["usd_per_day"] for v in stages.values())
+        out.append({"source": s.name, "items_per_day": per_day, "days": days,
+                    "stages": stages, "usd_per_day": usd, "usd_per_month": usd * 30})  # fmt: skip
+    return out
+
+
+@dataclass
+class ReplayChange:
+    """One stored item, as it went then and as it would go now."""
+
+    row: Any
+    old_labels: set[str]
+    was_notified: bool
+    was_drafted: bool
+    classified: bool = False  # False: the config's filters now keep it out
+    new_labels: set[str] = field(default_factory=set)
+    notified: bool = False
+    drafted: bool = False
+    draft: str = ""
+
+
+def replay_candidates(store: Store, config: Config, since: float, source: str | None) -> list:
+    """Stored items with an outcome that the config's sources would classify:
+    those that were classified, and those the filters kept out then."""
+    names = [s.name for s in config.sources if source in (None, s.name)]
+    return [r for r in store.replayable(since, names)
+            if "classify" in r["stages"].split() or not r["stages"]]  # fmt: skip
+
+
+async def replay_items(
+    llm: LLM, config: Config, store: Store, rows: list, *, drafts: bool
+) -> tuple[list[ReplayChange], LLMUsage, str, int]:
+    """Classify (and draft) stored items again under `config`, posting and storing
+    nothing but the spend: the changes, the usage, why it stopped early, the calls."""
+    spent, changes, stopped, calls = LLMUsage(model=""), [], "", 0
+    for row in rows:
+        source = config.sources_by_name[row["source"]]
+        old = json.loads(row["classification"]) if row["classification"] else None
+        change = ReplayChange(row, labels_of(old), row["notified_at"] is not None,
+                              row["draft"] is not None)  # fmt: skip
+        item = Item(item_id=row["item_id"], title=row["title"], url=row["url"],
+                    author=row["author"], body=row["body"])  # fmt: skip
+        try:
+            if source.matches(item):
+                new, usage = await llm.classify(row, source)
+                calls += 1
+                _add_usage(spent, usage)
+                store.record_spend(row, "replay:classify", usage)
+                change.classified, change.new_labels = True, labels_of(new)
+                change.notified = should_notify(source, new)
+                change.drafted = (
+                    should_draft(source, new) and "draft" in (row["stages"] or "draft").split()
+                )
+                if drafts and change.drafted:
+                    change.draft, usage = await llm.draft(row, new, source)
+                    calls += 1
+                    _add_usage(spent, usage)
+                    store.record_spend(row, "replay:draft", usage)
+        except BudgetExhausted as e:
+            stopped = str(e)
+            break
+        except StageError as e:
+            if usage := getattr(e, "usage", None):  # paid for all the same
+                _add_usage(spent, usage)
+                store.record_spend(
+                    row, "replay:" + ("draft" if change.classified else "classify"), usage
+                )
+            stopped = f"item {row['id']}: {e}"
+            break
+        changes.append(change)
+    return changes, spent, stopped, calls
+
+
+def _add_usage(total: LLMUsage, usage: LLMUsage) -> None:
+    for key in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "cost_usd"):  # fmt: skip
+        setattr(total, key, getattr(total, key) + getattr(usage, key))
+
+
+def replay_estimate(store: Store, config: Config, rows: list, *, drafts: bool) -> str:
+    """What a replay of `rows` would cost, calling no LLM: a classification per
+    item the filters admit, and a draft for those the old labels would draft."""
+    model = CostModel(store, config, time.time())
+    usd, classified, drafted, bases = 0.0, 0, 0, set()
+    for row in rows:
+        source = config.sources_by_name[row["source"]]
+        item = Item(item_id=row["item_id"], title=row["title"], url=row["url"],
+                    author=row["author"], body=row["body"])  # fmt: skip
+        if not source.matches(item):
+            continue
+        chars = len(row["title"]) + len(row["body"])
+        cost = model.per_call(row["source"], "classify", chars)
+        usd, classified = usd + cost.usd, classified + 1
+        bases.add(cost.basis)
+        old = json.loads(row["classification"]) if row["classification"] else None
+        if drafts and should_draft(source, old):
+            cost = model.per_call(row["source"], "draft", chars)
+            usd, drafted = usd + cost.usd, drafted + 1
+            bases.add(cost.basis)
+    return (
+        f"replaying {len(rows)} item(s) would cost about {_money(usd)}: {classified} "
+        f"classification(s)" + (f" and about {drafted} draft(s)" if drafts else "")
+        + f", priced from {' and '.join(sorted(bases)) or 'nothing'}; no LLM was called"
+    )  # fmt: skip
+
+
+def _money(usd: float) -> str:
+    return f"${usd:.4f}" if usd < 100 else f"${usd:,.0f}"
+
+
+def estimate_report(entries: list[dict], config: Config) -> str:
+    llm = config.llm
+    lines = [
+        "Expected LLM spend, from the items of the last 7 days at today's prices "
+        "(tokens per item × items per day × price per token):",
+    ]
+    for stage, model in (("classify", llm.model), ("draft", llm.draft_model)):
+        p = price_of(llm, model)
+        lines.append(f"  {stage}: {model}, ${p.input:g} in / ${p.output:g} out / "
+                     f"${p.cache_read:g} cache read per million tokens")  # fmt: skip
+    for e in entries:
+        lines.append(f"{e['source']}: {e['items_per_day']:.1f} items/day "
+                     f"(over {e['days']:.0f} day(s))")  # fmt: skip
+        for stage, v in e["stages"].items():
+            c = v["cost"]
+            lines.append(
+                f"  {stage:<9} {v['calls_per_day']:.1f} calls/day × ${c.usd:.6f} "
+                f"({c.input_tokens:,.0f} in + {c.output_tokens:,.0f} out tokens, from {c.basis})"
+            )
+        lines.append(f"  = {_money(e['usd_per_day'])}/day, ${e['usd_per_month']:.2f}/month")
+    day = sum(e["usd_per_day"] for e in entries)
+    total = f"total: {_money(day)}/day, ${day * 30:.2f}/month"
+    budget = llm.daily_budget_usd
+    if not budget:
+        total += "; no daily budget set"
+    elif day > budget:
+        total += f"; over the daily budget of ${budget:g}: items would wait for the next day"
+    else:
+        total += f"; {day / budget:.0%} of the daily budget of ${budget:g}"
+    return "\n".join([*lines, total])
+
+
+def spend_lines(rows: list[Any]) -> list[str]:
+    """`status`'s spend per source and stage (rows from Store.spend_by_source)."""
+    return [
+        f"  {r['source']} {r['stage']}: {r['calls']} call(s), {r['input_tokens']:,} input + "
+        f"{r['cache_read_tokens']:,} cached + {r['output_tokens']:,} output tokens, "
+        f"${r['cost_usd']:.4f}"
+        for r in rows
+    ]
+
+
+def _line(row: Any, note: str = "") -> str:
+    title = re.sub(r"[\x00-\x1f\x7f]", " ", row["title"] or "(no title)")[:100]
+    return f"  #{row['id']} {row['source']}  {title}" + (f"  ({note})" if note else "")
+
+
+def replay_report(
+    changes: list[ReplayChange], spent: LLMUsage, stopped: str, calls: int, config: Config
+) -> str:
+    lines = [
+        f"replayed {len(changes)} item(s) under {config.path}, posting nothing: "
+        f"{calls} LLM call(s), {spent.input_tokens:,} input + {spent.cache_read_tokens:,} "
+        f"cached + {spent.output_tokens:,} output tokens, {_money(spent.cost_usd)}"
+    ]
+
+    def section(title: str, picked: list[tuple[ReplayChange, str]]) -> None:
+        lines.append(f"{title} ({len(picked)}):" + ("" if picked else " none"))
+        lines.extend(_line(c.row, note) for c, note in picked)
+
+    def labels(c: ReplayChange) -> str:
+        old = ", ".join(sorted(c.old_labels)) or "no labels"
+        return f"{old} → " + (", ".join(sorted(c.new_labels)) or "no labels")
+
+    def why(c: ReplayChange) -> str:
+        return labels(c) if c.classified else "filtered out by include/exclude"
+
+    section("newly notified", [(c, why(c)) for c in changes if c.notified and not c.was_notified])
+    section("no longer notified",
+            [(c, why(c)) for c in changes if c.was_notified and not c.notified])  # fmt: skip
+    section("label changes",
+            [(c, labels(c)) for c in changes if c.classified and c.old_labels != c.new_labels])  # fmt: skip
+    section("newly drafted", [(c, "") for c in changes if c.drafted and not c.was_drafted])
+    section("no longer drafted", [(c, "") for c in changes if c.was_drafted and not c.drafted])
+    redrafted = [c for c in changes if c.draft]
+    if redrafted:
+        lines.append(f"drafts ({len(redrafted)}):")
+        for c in redrafted:
+            lines.append(_line(c.row))
+            lines.extend(f"      {line}" for line in c.draft.splitlines())
+    if stopped:
+        lines.append(f"stopped early: {stopped}")
+    return "\n".join(lines)
 
 
 # ###########################################################################
@@ -3846,6 +4169,14 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
            sorted(tokens, key=lambda s: (s[0]["model"], s[0]["direction"])))  # fmt: skip
     family("agentwatch_llm_cost_usd_total", "counter", "LLM cost in US dollars, by model.",
            [({"model": m}, float(v)) for (m,), v in sorted(by("llm_cost_usd").items())])  # fmt: skip
+    family("agentwatch_llm_source_cost_usd_total", "counter",
+           "LLM cost in US dollars, by source and stage.",
+           [({"source": src, "stage": st}, float(v))
+            for (src, st), v in sorted(by("llm_source_cost_usd").items())])  # fmt: skip
+    family("agentwatch_llm_source_tokens_total", "counter",
+           "LLM tokens by source, stage and kind (input, output, cache_read, cache_write).",
+           [({"source": src, "stage": st, "kind": k}, v)
+            for (src, st, k), v in sorted(by("llm_source_tokens").items())])  # fmt: skip
     family("agentwatch_slack_posts_total", "counter", "Slack webhook posts, by HTTP status.",
            [({"status": s}, v) for (s,), v in sorted(by("slack_posts").items())])  # fmt: skip
     family("agentwatch_slack_api_calls_total", "counter", "Slack Web API calls, by method and HTTP status.",
@@ -4240,6 +4571,8 @@ def status(config: ConfigOption = None) -> None:
         f"{usage['output_tokens']} output tokens, ${usage['cost_usd']:.4f}"
         + (f" of ${cfg.llm.daily_budget_usd:g} budget" if cfg.llm.daily_budget_usd else "")
     )
+    for line in spend_lines(store.spend_by_source(midnight)):
+        console.print(line, markup=False, highlight=False)
     console.print(f"dead-letter queue: {store.dlq_depth()} item(s)")
 
 
@@ -4314,6 +4647,72 @@ def dlq_drop(
     store = open_store(open_config(config))
     n = store.dlq_drop(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) dropped")
+
+
+@app.command()
+def feedback(
+    id: typing.Annotated[int, typer.Argument(help="An item's id, as `dlq list` shows it")],
+    verdict: typing.Annotated[str, typer.Argument(metavar="relevant|irrelevant")],
+    config: ConfigOption = None,
+) -> None:
+    """Tell classification whether an item was relevant; later items learn from it."""
+    if verdict not in FEEDBACK_VERDICTS:
+        raise typer.BadParameter(f"{verdict!r} is not one of: {', '.join(FEEDBACK_VERDICTS)}")
+    store = open_store(open_config(config))
+    if not store.add_feedback(id, verdict, "cli"):
+        raise fail(AgentwatchError(f"no item with id {id}"))
+    row = store.item(id)
+    typer.echo(f"item {id} ({row['source']}: {row['title'][:80]}) is {verdict}; "
+               f"the next classifications of {row['source']} take it as an example")  # fmt: skip
+
+
+@app.command()
+def estimate(config: ConfigOption = None) -> None:
+    """Expected LLM spend per source and in total, per day and per month."""
+    cfg = open_config(config)
+    store = open_store(cfg)
+    typer.echo(estimate_report(spend_estimate(store, cfg, time.time()), cfg))
+
+
+@app.command()
+def replay(
+    config: ConfigOption = None,
+    since: typing.Annotated[str, typer.Option("--since", help="How far back")] = "7d",
+    source_name: typing.Annotated[
+        str | None, typer.Option("--source", help="Only this source's items")
+    ] = None,
+    drafts: typing.Annotated[bool, typer.Option("--drafts", help="Draft again too")] = False,
+    estimate_only: typing.Annotated[
+        bool, typer.Option("--estimate", help="Call no LLM: print what it would cost")
+    ] = False,
+) -> None:
+    """Classify stored items again under this config; post nothing, print what changes."""
+    cfg = open_config(config)
+    try:
+        window = parse_duration(since, "--since")
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+    if source_name is not None and source_name not in cfg.sources_by_name:
+        names = ", ".join(cfg.sources_by_name) or "none"
+        raise fail(ConfigError("--source", f"no source named {source_name!r} (sources: {names})"))
+    store = open_store(cfg)
+    rows = replay_candidates(store, cfg, time.time() - window, source_name)
+    if estimate_only:
+        typer.echo(replay_estimate(store, cfg, rows, drafts=drafts))
+        return
+    if cfg.llm.provider == "none" or not os.environ.get("ANTHROPIC_API_KEY"):
+        raise fail(
+            AgentwatchError("replay needs the LLM: set ANTHROPIC_API_KEY (or use --estimate)")
+        )
+
+    async def main() -> tuple:
+        llm = LLM(cfg.llm, store, Counter(), knowledge=cfg.knowledge)
+        try:
+            return await replay_items(llm, cfg, store, rows, drafts=drafts)
+        finally:
+            await llm.close()
+
+    typer.echo(replay_report(*asyncio.run(main()), config=cfg))
 
 
 def main() -> None:

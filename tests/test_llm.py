@@ -36,8 +36,11 @@ webhook_url = "${{SLACK_WEBHOOK_URL}}"
 """
 
 
-def source(name: str, url: str, extra: str = "") -> str:
-    return f'\n[[sources]]\nname = "{name}"\ntype = "rss"\nurl = "{url}"\nevery = "1s"\nbackfill = 20\n{extra}\n'
+def source(name: str, url: str, extra: str = "", backfill: int = 20) -> str:
+    return (
+        f'\n[[sources]]\nname = "{name}"\ntype = "rss"\nurl = "{url}"\nevery = "1s"\n'
+        f"backfill = {backfill}\n{extra}\n"
+    )
 
 
 def entry(n: int, title: str, body: str = "") -> dict:
@@ -250,3 +253,191 @@ def test_per_source_instructions_reach_only_that_sources_requests(
         assert ("Acme, a self-hosted analytics tool" in system) == (not mine)
         if "output_config" in request["json"]:
             assert ("Calm and brief" in system) == mine
+
+
+# -- feedback -----------------------------------------------------------------
+
+
+def test_feedback_examples_reach_later_classifications_of_that_source_first(
+    slack, anthropic_fake, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme meetup in Berlin tonight")]))
+    feeds.set("/b.xml", rss([entry(2, "Acme Corp stock falls 3%")]))
+    sources = source("forum", f"{feeds.url}/a.xml") + source("news", f"{feeds.url}/b.xml")
+    config = make_config(config_text(feeds.url, sources=sources))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    db = tmp_path / "aw.db"
+    ids = {t: r["id"] for t, r in items(db).items()}
+
+    meetup, stock = ids["Acme meetup in Berlin tonight"], ids["Acme Corp stock falls 3%"]
+    first = run_cli("feedback", meetup, "relevant", config=config)
+    assert first.returncode == 0, first.stderr
+    assert run_cli("feedback", meetup, "irrelevant", config=config).returncode == 0
+    assert run_cli("feedback", stock, "irrelevant", config=config).returncode == 0
+    assert rows(db, "SELECT item_row, verdict, origin FROM feedback ORDER BY item_row") == [
+        {"item_row": meetup, "verdict": "irrelevant", "origin": "cli"},  # the latest wins
+        {"item_row": stock, "verdict": "irrelevant", "origin": "cli"},
+    ]
+    assert run_cli("feedback", 9999, "relevant", config=config).returncode == 1
+    assert run_cli("feedback", meetup, "maybe", config=config).returncode == 2
+
+    anthropic_fake.reset()
+    feeds.set("/a.xml", rss([entry(1, "Acme meetup in Berlin tonight"), entry(3, "Acme talk")]))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    (request,) = classifications(anthropic_fake)
+    text = user_text(request)
+    assert text.count('<example label="irrelevant">') == 2
+    own, other = text.index("Acme meetup in Berlin"), text.index("Acme Corp stock falls")
+    assert own < other < text.index("<item>"), "the source's own examples come first"
+    assert "Acme meetup" not in system_text(request)
+
+
+def test_no_tokens_for_baseline_items_duplicates_and_restarts(
+    slack, anthropic_fake, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss(QUESTIONS))
+    sources = source("forum", f"{feeds.url}/a.xml", backfill=0)
+    config = make_config(config_text(feeds.url, sources=sources))
+    for _ in range(2):  # the baseline, then the same items again after a restart
+        assert run_cli("run", "--once", config=config).returncode == 0
+    assert anthropic_fake.calls() == 0
+    feeds.set("/a.xml", rss([*QUESTIONS, entry(4, "Acme works fine for me")]))
+    for _ in range(2):
+        assert run_cli("run", "--once", config=config).returncode == 0
+    assert anthropic_fake.calls() == 1  # one classification of the one new item
+    assert len(rows(tmp_path / "aw.db", "SELECT * FROM llm_usage")) == 1
+
+
+# -- knowing the cost -------------------------------------------------------
+
+
+def test_estimate_calls_no_llm_and_imports_no_sdk(
+    slack, anthropic_fake, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss(QUESTIONS))
+    config = make_config(config_text(feeds.url, llm="daily_budget_usd = 0.001"))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    spent = rows(tmp_path / "aw.db", "SELECT SUM(cost_usd) AS usd FROM llm_usage")[0]["usd"]
+    anthropic_fake.reset()
+
+    # Three items today, a source a day old at most: 3 items a day, each paying
+    # what today's did (same models, same prices).
+    result = run_cli("estimate", config=config)
+    assert result.returncode == 0, result.stderr
+    assert anthropic_fake.calls() == 0
+    out = result.stdout
+    assert "forum" in out and "3.0 items/day" in out
+    assert f"${spent:.4f}/day" in out and f"${spent * 30:.2f}/month" in out
+    assert "over the daily budget of $0.001" in out
+
+    probe = (
+        "import sys, agentwatch\n"
+        "sys.argv = ['agentwatch', 'estimate', '--config', sys.argv[1]]\n"
+        "try:\n    agentwatch.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'anthropic' not in sys.modules, 'estimate imported the SDK'\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_estimate_without_history_guesses_from_text_length(
+    feeds, make_config, run_cli, tmp_path, anthropic_fake
+):
+    config = make_config(config_text(feeds.url, llm='provider = "none"'))
+    feeds.set("/a.xml", rss(QUESTIONS))
+    assert run_cli("run", "--once", config=config).returncode == 0  # no LLM: no usage rows
+    result = run_cli("estimate", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "3.0 items/day" in result.stdout and "text length" in result.stdout
+    assert anthropic_fake.calls() == 0
+
+
+def test_replay_posts_nothing_changes_nothing_and_reports_differences(
+    slack, anthropic_fake, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme crashes on start"), entry(2, "Acme meetup tonight"),
+                             entry(3, "irrelevant: my cooking blog")]))  # fmt: skip
+    config = make_config(config_text(feeds.url))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    assert len(slack.posts()) == 2
+    db = tmp_path / "aw.db"
+    before = rows(db, "SELECT * FROM items ORDER BY id")
+    slack.reset()
+    anthropic_fake.reset()
+
+    other = make_config(
+        config_text(
+            feeds.url, sources=source("forum", f"{feeds.url}/a.xml", 'exclude = ["meetup"]')
+        ),
+        name="other.toml",
+    )
+    default = anthropic_fake.classifier
+    anthropic_fake.classifier = lambda body: (
+        {**default(body), "relevant": True, "sentiment": "positive", "intent": "praise"}
+        if "cooking" in user_text({"json": body}).split("<item>")[-1] else default(body)
+    )  # fmt: skip
+    result = run_cli("replay", "--since", "1d", config=other)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert slack.posts() == [] and rows(db, "SELECT * FROM items ORDER BY id") == before
+    assert anthropic_fake.calls("classify") == 2  # the meetup is now filtered out: no call
+    assert anthropic_fake.calls("text") == 0  # no --drafts
+    newly = out[out.index("newly notified") : out.index("no longer notified")]
+    assert "irrelevant: my cooking blog" in newly
+    gone = out[out.index("no longer notified") :]
+    assert "Acme meetup tonight" in gone and "filtered out" in gone
+    assert "label changes" in out and "positive" in out
+    usage = rows(db, "SELECT stage, cost_usd FROM llm_usage WHERE stage LIKE 'replay%'")
+    assert [u["stage"] for u in usage] == ["replay:classify"] * 2
+    assert f"${sum(u['cost_usd'] for u in usage):.4f}" in out and "tokens" in out
+
+    anthropic_fake.reset()
+    estimate = run_cli("replay", "--since", "1d", "--drafts", "--estimate", config=other)
+    assert estimate.returncode == 0, estimate.stderr
+    assert anthropic_fake.calls() == 0 and "would cost about $" in estimate.stdout
+
+    drafted = run_cli("replay", "--since", "1d", "--drafts", "--source", "forum", config=config)
+    assert drafted.returncode == 0, drafted.stderr
+    assert anthropic_fake.calls("text") == 1  # the crash report is drafted again
+    assert "Thanks for the report" in drafted.stdout
+    assert slack.posts() == []
+
+
+def test_spend_per_source_and_stage_in_status_and_metrics(
+    slack, anthropic_fake, feeds, make_config, start_cli, run_cli, tmp_path
+):
+    from test_ops import free_port, get, parse_prometheus, sample, wait_health
+
+    feeds.set("/a.xml", rss(QUESTIONS[:2]))
+    feeds.set("/b.xml", rss([entry(7, "Acme works fine")]))
+    port = free_port()
+    sources = source("forum", f"{feeds.url}/a.xml") + source("news", f"{feeds.url}/b.xml")
+    config = make_config(
+        config_text(feeds.url, sources=sources).replace(
+            'health = ""', f'health = "127.0.0.1:{port}"'
+        )
+    )
+    proc = start_cli("run", config=config)
+    wait_health(port, proc=proc)
+    slack.wait_for(3)
+    db = tmp_path / "aw.db"
+    spent = {(r["source"], r["stage"]): r["usd"] for r in rows(
+        db, "SELECT source, stage, SUM(cost_usd) AS usd FROM llm_usage GROUP BY 1, 2")}  # fmt: skip
+    assert set(spent) == {("forum", "classify"), ("forum", "draft"), ("news", "classify")}
+
+    families = parse_prometheus(get(port, "/metrics")[2].decode())
+    for (src, stage), usd in spent.items():
+        got = sample(families, "agentwatch_llm_source_cost_usd_total", source=src, stage=stage)
+        assert abs(got - usd) < 1e-9
+    assert sample(families, "agentwatch_llm_source_tokens_total",
+                  source="news", stage="classify", kind="input") > 0  # fmt: skip
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+
+    out = run_cli("status", config=config).stdout
+    assert "forum draft: 2 call(s)" in out and "news classify: 1 call(s)" in out
+    assert f"${spent['forum', 'draft']:.4f}" in out
