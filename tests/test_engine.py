@@ -174,7 +174,7 @@ def test_the_readme_drop_in_runs_as_written_and_its_items_reach_slack(
                     "body": f"body {i}",
                 }
                 for i in range(n, 0, -1)
-            ]  # fmt: skip
+            ]
         )
 
     feeds.set("/posts.json", posts(2), content_type="application/json")
