@@ -108,9 +108,7 @@ def build(path: Path, total: int) -> None:
                 configs[name], found, known, first_poll=first_poll, baseline=True,
                 max_age=3650 * DAY, stages=stages, now=clock[0],
             )  # fmt: skip
-            store.record_poll(
-                name, rows, state={}, etag='"e"', last_modified=None, next_poll_at=clock[0] + 300
-            )
+            store.record_poll(name, rows, state={}, validators={}, next_poll_at=clock[0] + 300)
             first.discard(name)
             if not first_poll:
                 finish(store, name, rng, clock[0], last=stored + n >= total)

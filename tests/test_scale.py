@@ -37,7 +37,7 @@ def poll_into(store: Store, source: str, found: list[Item], *, first_poll: bool 
         baseline=True, max_age=3650 * DAY, stages=lambda _: ("classify", "draft", "notify"),
         now=time.time(),
     )  # fmt: skip
-    store.record_poll(source, new, state={}, etag=None, last_modified=None, next_poll_at=0)
+    store.record_poll(source, new, state={}, validators={}, next_poll_at=0)
     return len(new)
 
 
