@@ -1339,6 +1339,14 @@ def human_duration(seconds: float) -> str:
 RUNTIME_SECRETS: set[str] = set()
 
 
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """The one redaction: the config's secrets (longest first, so a URL is masked
+    whole before a token inside it) and the tokens met at run time."""
+    for secret in [*secrets, *sorted(RUNTIME_SECRETS, key=len, reverse=True)]:
+        text = text.replace(secret, "***")  # an error message may quote a URL or a key
+    return text
+
+
 class RateBudget:
     """An API's request budget, shared by every source that uses the same key (one
     client id, one token, one server address). It reads what answers say about
@@ -3220,13 +3228,14 @@ class Pipeline:
         now = time.time()
         if isinstance(error, PermanentError) or attempts >= settings.max_attempts:
             self.save(row, stage, {"status": "dead", "attempts": attempts,
-                                   "last_error": str(error), "failed_at": now}, error.usage)  # fmt: skip
+                                   "last_error": self.rt.redact(str(error)), "failed_at": now},
+                      error.usage)  # fmt: skip
             self.rt.metrics["items_stage", stage, "dead"] += 1
             self._log(row, stage, f"dead-lettered after {attempts} attempt(s): {error}",
                       started, error.usage, level=logging.ERROR)  # fmt: skip
             return
         delay = backoff(attempts, settings.retry_base, settings.retry_max, error.retry_after)
-        self.save(row, stage, {"attempts": attempts, "last_error": str(error),
+        self.save(row, stage, {"attempts": attempts, "last_error": self.rt.redact(str(error)),
                                "next_attempt_at": now + delay}, error.usage)  # fmt: skip
         self.rt.metrics["items_stage", stage, "retry"] += 1
         self._log(row, stage, f"retry in {delay:.0f}s (attempt {attempts}): {error}",
@@ -3375,9 +3384,7 @@ class RedactingFormatter(logging.Formatter):
                                "msg": message, **getattr(record, "fields", {})})  # fmt: skip
         else:
             line = f"{ts} {record.levelname:<7} {message}"
-        for secret in self.secrets:
-            line = line.replace(secret, "***")
-        return line
+        return _redact(line, self.secrets)
 
 
 def setup_logging(
@@ -3463,10 +3470,19 @@ class Runtime:
     shared: dict = field(default_factory=dict)  # the sources' rate budgets and tokens
     store_error: str = ""  # the database's last refusal, until a write succeeds again
     store_failing_since: float | None = None
+    _secrets_of: Any = None
+    _secrets: list[str] = field(default_factory=list)
 
     @property
     def source_configs(self) -> dict[str, SourceConfig]:
         return self.config.sources_by_name
+
+    def redact(self, text: str) -> str:
+        config = self.config
+        if self._secrets_of is not config:  # a SIGHUP swaps the whole Config
+            self._secrets_of = config
+            self._secrets = sorted(set(config.secrets()), key=len, reverse=True)
+        return _redact(text, self._secrets)
 
     def store_failed(self, doing: str, error: Exception) -> None:
         """The database refused a read or a write: say so in the log and in /health."""
@@ -3767,10 +3783,11 @@ class Scheduler:
         )
         rt.metrics["poll_errors", src.name] += 1
         kind = error.kind or type(error).__name__
+        message = rt.redact(str(error))  # stored, shown by status and /health
         log.warning("poll %s failed (%d in a row, %s), next try in %.0fs: %s",
-                    src.name, failures, kind, delay, error)  # fmt: skip
+                    src.name, failures, kind, delay, message)  # fmt: skip
         try:
-            rt.store.record_poll_failure(src.name, str(error), kind, time.time() + delay, failures)
+            rt.store.record_poll_failure(src.name, message, kind, time.time() + delay, failures)
         except sqlite3.Error as e:
             rt.store_failed(f"recording the failed poll of {src.name}", e)
         return time.monotonic() + delay
@@ -3969,12 +3986,6 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         "sources": sources,
     }
     return (200 if status == "ok" else 503), report
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:  # an error message may quote a URL or a key
-        text = text.replace(secret, "***")
-    return text
 
 
 def _counter_snapshot(counter: Counter) -> dict:
