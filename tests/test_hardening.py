@@ -38,11 +38,11 @@ def test_a_commit_that_fails_busy_leaves_no_transaction_open(tmp_path):
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM sources").fetchall()  # a SHARED lock: COMMIT cannot finish
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        store.record_poll_failure("s", "boom", time.time() + 60)
+        store.record_poll_failure("s", "boom", "bug", time.time() + 60, 1)
     assert not store.db.in_transaction, "the failed COMMIT left the transaction open"
     reader.execute("COMMIT")
     reader.close()
-    store.record_poll_failure("s", "second", time.time() + 60)  # the next write works
+    store.record_poll_failure("s", "second", "bug", time.time() + 60, 1)  # the next write works
     assert store.sources()[0]["last_error"] == "second"
     assert store.sources()[0]["consecutive_failures"] == 1, "the failed write was rolled back"
     store.close()
@@ -56,11 +56,11 @@ def test_a_full_disk_raises_its_own_error_not_no_transaction_is_active(tmp_path)
     pages = store.db.execute("PRAGMA page_count").fetchone()[0]
     store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
     with pytest.raises(sqlite3.OperationalError, match="full") as raised:
-        store.record_poll_failure("s", "x" * 200_000, time.time() + 60)
+        store.record_poll_failure("s", "x" * 200_000, "bug", time.time() + 60, 1)
     assert raised.value.sqlite_errorname == "SQLITE_FULL"
     assert not store.db.in_transaction
     store.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space again
-    store.record_poll_failure("s", "fits", time.time() + 60)
+    store.record_poll_failure("s", "fits", "bug", time.time() + 60, 1)
     assert store.sources()[0]["last_error"] == "fits"
     store.close()
 
@@ -288,8 +288,11 @@ def test_a_database_that_saw_llm_triage_refuses_to_run_without_the_key(
 def test_recorded_llm_usage_also_counts_as_triage(feeds, make_config, run_cli, tmp_path):
     config = make_config(SIMPLE.format(provider="anthropic", url=f"{feeds.url}/f.xml"))
     store = agentwatch.Store(tmp_path / "aw.db")
-    usage = agentwatch.LLMUsage(model="m", input_tokens=1, output_tokens=1)
-    store.record_usage({"source": "blog", "item_id": "x"}, "classify", usage)
+    store.db.execute(
+        "INSERT INTO llm_usage (at, source, item_id, stage, model, input_tokens, output_tokens)"
+        " VALUES (?, 'blog', 'x', 'classify', 'm', 1, 1)",
+        (time.time(),),
+    )
     store.close()
     refused = run_cli("run", "--once", config=config, env={"ANTHROPIC_API_KEY": None})
     assert refused.returncode == 2, refused.stderr
