@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
@@ -172,11 +173,22 @@ def parse_size(value: Any, key: str) -> ByteSize:
     return ByteSize(int(value))
 
 
+# While a read-only command loads the config, an unset ${VAR} is noted here
+# (name -> the key that uses it) and left as written, instead of failing.
+_UNSET_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "unset_env", default=None
+)
+
+
 def expand_env(value: str, key: str) -> str:
     def substitute(m: re.Match) -> str:
         name = m.group(1)
         if name not in os.environ:
-            raise ConfigError(key, f"environment variable {name} is not set")
+            unset = _UNSET_ENV.get()
+            if unset is None:
+                raise ConfigError(key, f"environment variable {name} is not set")
+            unset.setdefault(name, key)
+            return m.group(0)
         return os.environ[name]
 
     return _ENV_REF.sub(substitute, value)
@@ -346,6 +358,8 @@ class Config:
     llm: LLMSettings
     slack: SlackSettings
     sources: list[SourceConfig]
+    # ${VAR}s that were unset when a read-only command loaded it: name -> key.
+    unset_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -384,8 +398,20 @@ def config_path(given: str | Path | None) -> Path:
     return Path(given or os.environ.get("AGENTWATCH_CONFIG") or "agentwatch.toml").resolve()
 
 
-def load_config(given: str | Path | None = None) -> Config:
-    path = config_path(given)
+def load_config(given: str | Path | None = None, *, allow_unset: bool = False) -> Config:
+    """The config at `given`. With `allow_unset` (commands that only read), a
+    ${VAR} that is not set stays as written and is listed in `unset_env`."""
+    unset: dict[str, str] = {}
+    token = _UNSET_ENV.set(unset if allow_unset else None)
+    try:
+        config = _load_config(config_path(given))
+    finally:
+        _UNSET_ENV.reset(token)
+    config.unset_env = unset
+    return config
+
+
+def _load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -789,6 +815,47 @@ class Store:
         rows = self.db.execute("SELECT stage, status, COUNT(*) FROM items GROUP BY stage, status")
         return {(stage, status): n for stage, status, n in rows}
 
+    def newest_items(
+        self, *, source: str | None = None, label: str | None = None,
+        since: float | None = None, search: str | None = None, limit: int = 50,
+    ) -> list[sqlite3.Row]:  # fmt: skip
+        """Stored items, newest first (`agentwatch items`). `label` is one of LABELS;
+        `search` a case-insensitive substring of title, body, summary, author or url."""
+        where, args = [], []
+        if source:
+            where.append("source = ?")
+            args.append(source)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if label == "relevant":
+            where.append("json_extract(classification, '$.relevant') = 1")
+        elif label:
+            key = "$.sentiment" if label in SENTIMENTS else "$.intent"
+            where.append(f"json_extract(classification, '{key}') = ?")
+            args.append(label)
+        if search:
+            pattern = "%" + re.sub(r"([%_\\])", r"\\\1", search) + "%"
+            where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
+            args.extend([pattern] * len(_SEARCHED))
+        sql = "SELECT * FROM items" + (" WHERE " + " AND ".join(where) if where else "")
+        return self.db.execute(
+            sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database in `target`, by SQLite's online backup.
+        One step: under WAL it reads one snapshot while writers carry on, where a
+        stepped backup would restart each time `run` commits."""
+        target = Path(target)
+        dest = sqlite3.connect(target)
+        try:
+            self.db.backup(dest)
+            # A single self-contained file, with no -wal beside it.
+            dest.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            dest.close()
+
     # --- dead-letter queue ---------------------------------------------------
 
     def dead(self) -> list[sqlite3.Row]:
@@ -818,6 +885,17 @@ class Store:
                     WHERE status = 'dead' {where}""",
                 (time.time(), *args),
             ).rowcount
+
+
+# What `agentwatch items --search` looks in.
+_SEARCHED = (
+    "title",
+    "body",
+    "author",
+    "url",
+    "summary",
+    "json_extract(classification, '$.summary')",
+)
 
 
 def _id_filter(ids: list[int] | None) -> tuple[str, list[int]]:
@@ -2848,6 +2926,23 @@ SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 RESTART_KEYS = ("db", "pidfile", "health")
 
 
+# C0 and C1 controls (ANSI/OSC escapes start with ESC or the 8-bit CSI/OSC),
+# DEL, and the invisible marks that reorder text (bidi overrides).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: Any) -> str:
+    """Outside text made safe for a terminal or a log line: each control
+    character is shown as an escape (\\x1b, \\n, \\u202e), so a title cannot
+    move the cursor, retitle the window, or start a forged line."""
+    return _CONTROL.sub(
+        lambda m: _CONTROL_NAMES.get(c := m.group()) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"),
+        str(text),
+    )  # fmt: skip
+
+
 class RedactingFormatter(logging.Formatter):
     """Text or JSON lines in UTC; secrets are masked in whatever gets through."""
 
@@ -2860,6 +2955,8 @@ class RedactingFormatter(logging.Formatter):
         ts = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
         ts = ts.replace("+00:00", "Z")
         message = record.getMessage()
+        if not self.json:  # JSON escapes by itself; a text line must stay one line
+            message = printable(message)
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         if self.json:
@@ -3287,23 +3384,7 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         status = "stale"
     else:
         status = "ok"
-    rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
-    secrets = sorted(config.secrets(), key=len, reverse=True)
-    sources = {}
-    for s in config.sources:
-        r = rows.get(s.name)
-        entry = {
-            "type": s.type,
-            "last_poll_at": iso(r["last_poll_at"]) if r else None,
-            "last_ok_at": iso(r["last_ok_at"]) if r else None,
-            "consecutive_failures": r["consecutive_failures"] if r else 0,
-            "next_poll_at": iso(r["next_poll_at"]) if r else None,
-            "last_error": _redact(r["last_error"], secrets) if r else "",
-        }
-        with contextlib.suppress(Exception):  # a drop-in's describe_state must not break /health
-            if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
-                entry["state"] = state
-        sources[s.name] = entry
+    sources = source_reports(config, db.execute("SELECT * FROM sources"))
     counts = dict(db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
     report = {
         "status": status,
@@ -3319,6 +3400,34 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         "sources": sources,
     }
     return (200 if status == "ok" else 503), report
+
+
+def source_reports(config: Config, rows: Iterable[sqlite3.Row]) -> dict[str, dict]:
+    """Each configured source's health, keyed by name: /health's and `status --json`'s."""
+    rows = {r["name"]: r for r in rows}
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    sources = {}
+    for s in config.sources:
+        r = rows.get(s.name)
+        entry = {
+            "type": s.type,
+            "last_poll_at": iso(r["last_poll_at"]) if r else None,
+            "last_ok_at": iso(r["last_ok_at"]) if r else None,
+            "consecutive_failures": r["consecutive_failures"] if r else 0,
+            "next_poll_at": iso(r["next_poll_at"]) if r else None,
+            "last_error": _redact(r["last_error"], secrets) if r else "",
+        }
+        if r and (state := state_in_words(s.type, r["state"])):
+            entry["state"] = _redact(state, secrets)
+        sources[s.name] = entry
+    return sources
+
+
+def state_in_words(source_type: str, state: str | None) -> str:
+    """A source's persisted state in words; "" if its type cannot say."""
+    with contextlib.suppress(Exception):  # a drop-in's describe_state must not break a report
+        return SOURCES[source_type].describe_state(json.loads(state or "{}")) or ""
+    return ""
 
 
 def _redact(text: str, secrets: list[str]) -> str:
@@ -3568,15 +3677,27 @@ class HealthServer:
 # ###########################################################################
 # ### CLI
 # ###########################################################################
+#
+# Commands that only read (status, items, dlq list/show, check) load the config
+# with allow_unset: a ${VAR} that only sending or calling out needs may be
+# missing from the shell (it belongs in the cron line or the unit). Outside
+# text (titles, errors, ids, states) goes through printable(), and the config's
+# secrets are redacted, before anything is printed. In a pipe the output is
+# plain lines; in a terminal rich styles the same lines.
+
+_HELP_MODE: Any = "rich" if sys.stdout.isatty() else None  # no boxes in a pipe
 
 app = typer.Typer(
     help="Watch Reddit, feeds and URLs; LLM triage and drafts to Slack.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=_HELP_MODE,
 )
 dlq_app = typer.Typer(
-    help="The dead-letter queue: items whose stage failed for good.", no_args_is_help=True
+    help="The dead-letter queue: items whose stage failed for good.",
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_MODE,
 )
 app.add_typer(dlq_app, name="dlq")
 
@@ -3586,6 +3707,32 @@ ConfigOption = typing.Annotated[
         "--config", "-c", help="Config file [default: $AGENTWATCH_CONFIG or ./agentwatch.toml]"
     ),
 ]
+JsonOption = typing.Annotated[bool, typer.Option("--json", help="JSON instead of text")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    config: ConfigOption = None,
+    version: typing.Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    # -c before the subcommand; one given after it wins. The callback runs
+    # before every command, so each invocation sets it afresh.
+    global _config_before_command
+    _config_before_command = config
+
+
+_config_before_command: Path | None = None
 
 
 def fail(error: AgentwatchError) -> typer.Exit:
@@ -3597,9 +3744,12 @@ def fail(error: AgentwatchError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def open_config(path: Path | None) -> Config:
+def open_config(path: Path | None, *, read_only: bool = False) -> Config:
+    """The config named after the subcommand, else before it, else the default.
+    `read_only`: unset ${VAR}s are allowed (see the section's comment)."""
+    path = path or _config_before_command
     try:
-        return load_config(path)
+        return load_config(path, allow_unset=read_only)
     except ConfigError as e:
         raise fail(e) from None
 
@@ -3611,6 +3761,77 @@ def open_store(config: Config) -> Store:
         raise fail(AgentwatchError(f"cannot open the database {config.db_path}: {e}")) from None
 
 
+def redactor(config: Config) -> Callable[[Any], str]:
+    """The engine's redaction (the same secrets as the log's), for printed text."""
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    return lambda text: _redact(str(text or ""), secrets)
+
+
+def safe(text: Any, redact: Callable[[Any], str]) -> str:
+    """Stored outside text as it may be printed: secrets masked, controls escaped."""
+    return printable(redact(text))
+
+
+# Controls that JSON leaves raw with ensure_ascii=False (C0 it always escapes).
+_JSON_RAW = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def echo_json(value: Any) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    typer.echo(_JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def relative(ts: float | None, now: float) -> str:
+    """ "2m ago", "in 40s", "now"; "never" for None."""
+    if ts is None:
+        return "never"
+    if not math.isfinite(ts):
+        return "?"
+    delta = ts - now
+    seconds = abs(delta)
+    if seconds < 1:
+        return "now"
+    size, unit = next(
+        u for u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")) if seconds >= u[0]
+    )
+    amount = f"{int(seconds // size)}{unit}"
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+class Out:
+    """A command's lines: plain text in a pipe, styled by rich in a terminal.
+    A line is parts, each a string or (string, rich style); the strings are
+    already safe (printable)."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        # COLUMNS first, then the terminal; 80 in a pipe without COLUMNS.
+        self.width = shutil.get_terminal_size((80, 24)).columns
+        self.console = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def line(self, *parts: str | tuple[str, str], cut: bool = False) -> None:
+        """One line. `cut`: in a terminal, end it with an ellipsis at the edge
+        instead of wrapping; a pipe gets it whole, for grep."""
+        pairs = [(p, "") if isinstance(p, str) else p for p in parts]
+        if self.console is None:
+            sys.stdout.write("".join(text for text, _ in pairs) + "\n")
+            return
+        from rich.text import Text
+
+        text = Text()
+        for chunk, style in pairs:
+            text.append(chunk, style)
+        if cut:
+            self.console.print(text, no_wrap=True, overflow="ellipsis")
+        else:
+            self.console.print(text, soft_wrap=True)
+
+
 @app.command()
 def init(
     path: typing.Annotated[Path, typer.Argument(help="Where to write it")] = Path(
@@ -3620,7 +3841,10 @@ def init(
         bool, typer.Option("--force", help="Overwrite an existing file")
     ] = False,
 ) -> None:
-    """Write a commented example config."""
+    """Write a commented example config.
+
+    Example: agentwatch init /etc/agentwatch.toml
+    """
     if path.exists() and not force:
         raise fail(AgentwatchError(f"{path} exists; use --force to overwrite it"))
     path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
@@ -3629,14 +3853,19 @@ def init(
 
 @app.command()
 def check(config: ConfigOption = None) -> None:
-    """Validate the config and list the sources; exit 2 on errors."""
-    cfg = open_config(config)
+    """Validate the config and list the sources; exit 2 on errors.
+
+    Example: agentwatch -c /etc/agentwatch.toml check
+    """
+    cfg = open_config(config, read_only=True)
     typer.echo(f"config {cfg.path}: ok, {len(cfg.sources)} source(s)")
     for s in cfg.sources:
         described = SOURCES[s.type](s, cfg.agentwatch, None, {}).describe()
-        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {described}")
+        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {printable(described)}")
     for path, error in PLUGIN_FAILURES.items():
         typer.echo(f"warning: plugin {path} did not load: {error}", err=True)
+    for name, key in cfg.unset_env.items():
+        typer.echo(f"note: ${{{name}}} (in {key}) is not set here; `run` will need it", err=True)
     if cfg.llm.provider == "anthropic" and not os.environ.get("ANTHROPIC_API_KEY"):
         typer.echo("note: ANTHROPIC_API_KEY is not set; `run` will work without the LLM", err=True)
 
@@ -3651,7 +3880,10 @@ def run(
         bool, typer.Option("--dry-run", help="Print Slack messages instead of sending")
     ] = False,
 ) -> None:
-    """Poll the sources and process new items (until SIGTERM, or once)."""
+    """Poll the sources and process new items (until SIGTERM, or once).
+
+    Example: nohup agentwatch run -c /etc/agentwatch.toml &
+    """
     cfg = open_config(config)
     setup_logging(cfg)
     lock = InstanceLock(cfg.db_path, cfg.pidfile_path)
@@ -3677,8 +3909,12 @@ def run(
 def preview(
     source_name: typing.Annotated[str, typer.Argument(metavar="SOURCE", help="A source's name")],
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Fetch a source now and show its items; changes nothing."""
+    """Fetch a source now and show its items; changes nothing.
+
+    Example: agentwatch preview hn-mentions
+    """
     cfg = open_config(config)
     setup_logging(cfg, logging.WARNING)
     source_config = next((s for s in cfg.sources if s.name == source_name), None)
@@ -3695,105 +3931,274 @@ def preview(
         finally:
             await src.http.aclose()
 
+    redact = redactor(cfg)
     try:
         items = asyncio.run(fetch())
     except StageError as e:
-        raise fail(AgentwatchError(f"{source_name}: {e}")) from None
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{source_name}: {len(items)} item(s)", show_lines=False)
-    for column in ("published", "id", "title", "author", "url", "match"):
-        table.add_column(column, overflow="fold")
+        raise fail(AgentwatchError(f"{source_name}: {safe(e, redact)}")) from None
+    state = src.describe_state(src.state)
+    if as_json:
+        echo_json({
+            "items": [{**dataclasses.asdict(item), "published_at": iso(item.published_at),
+                       "matches": source_config.matches(item)} for item in items],
+            "state": redact(state),
+        })  # fmt: skip
+        return
+    out = Out()
+    out.line((f"{source_name}: {len(items)} item(s)", "bold"))
     for item in items:
-        table.add_row(
-            iso(item.published_at) or "", item.item_id, item.title[:120], item.author,
-            item.url, "yes" if source_config.matches(item) else "no",
-        )  # fmt: skip
-    Console().print(table)
+        match = "match" if source_config.matches(item) else "no match (include/exclude)"
+        published = iso(item.published_at) or "no date"
+        out.line(f"{published}  ", (match, "green" if match == "match" else "yellow"))
+        out.line("  ", (safe(item.title or "(no title)", redact), "bold"), cut=True)
+        meta = " · ".join(p for p in (item.item_id, item.author and f"by {item.author}") if p)
+        out.line("  ", safe(meta, redact), cut=True)
+        if item.url:
+            out.line("  ", safe(item.url, redact))
     # A source that reports state changes (a URL check) has no items on a first
     # look; what it found is its state.
-    if state := src.describe_state(src.state):
-        Console().print(f"state: {state}")
+    if state:
+        out.line("state: ", safe(state, redact), cut=True)
 
 
 @app.command()
-def status(config: ConfigOption = None) -> None:
-    """Sources, last polls, failures, items and LLM cost today, DLQ depth."""
-    cfg = open_config(config)
-    store = open_store(cfg)
-    from rich.console import Console
-    from rich.table import Table
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Sources, last polls, failures, items and LLM cost today, DLQ depth.
 
-    rows = {r["name"]: r for r in store.sources()}
-    table = Table(title="sources")
-    for column in (
-        "name",
-        "type",
-        "last poll",
-        "last ok",
-        "failures",
-        "next poll",
-        "state / last error",
-    ):
-        table.add_column(column, overflow="fold")
-    for s in cfg.sources:
-        r = rows.get(s.name)
-        if r is None:
-            table.add_row(s.name, s.type, "never", "", "0", "at start", "")
-            continue
-        state = SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))
-        detail = " — ".join(p for p in (state, r["last_error"]) if p)
-        table.add_row(
-            s.name, s.type, iso(r["last_poll_at"]) or "never", iso(r["last_ok_at"]) or "never",
-            str(r["consecutive_failures"]), iso(r["next_poll_at"]) or "", detail,
-        )  # fmt: skip
-    midnight = utc_midnight()
+    Example: agentwatch status --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    now = time.time()
+    midnight = utc_midnight(now)
     counts = store.item_counts_since(midnight)
-    usage = store.usage_since(midnight)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"items today: {sum(counts.values())} ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
-    )  # fmt: skip
-    console.print(
+    usage = dict(store.usage_since(midnight))
+    dlq_depth = store.dlq_depth()
+    source_rows = store.sources()
+    if as_json:
+        echo_json({
+            "version": __version__,
+            "sources": source_reports(cfg, source_rows),
+            "today": {"since": iso(midnight), "items": sum(counts.values()),
+                      "items_by_status": counts, "llm": usage,
+                      "daily_budget_usd": cfg.llm.daily_budget_usd},
+            "dlq_depth": dlq_depth,
+        })  # fmt: skip
+        return
+    out = Out()
+    _status_sources(out, cfg, {r["name"]: r for r in source_rows}, now)
+    out.line()
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    out.line(f"items today: {sum(counts.values())}" + (f" ({by_status})" if by_status else ""))
+    out.line(
         f"LLM today: {usage['calls']} call(s), {usage['input_tokens']} input + "
         f"{usage['output_tokens']} output tokens, ${usage['cost_usd']:.4f}"
         + (f" of ${cfg.llm.daily_budget_usd:g} budget" if cfg.llm.daily_budget_usd else "")
     )
-    console.print(f"dead-letter queue: {store.dlq_depth()} item(s)")
+    out.line(f"dead-letter queue: {dlq_depth} item(s)", ("", "red" if dlq_depth else ""))
+
+
+def _status_sources(out: Out, cfg: Config, rows: dict[str, sqlite3.Row], now: float) -> None:
+    """One row per source, as a table when it fits the width, else each source's
+    name on its own line with its figures under it. A name is never cut or
+    wrapped; a state or an error has its own line (cut at the edge in a terminal)."""
+    if not cfg.sources:
+        out.line("no sources configured")
+        return
+    redact = redactor(cfg)
+    header = ("SOURCE", "TYPE", "LAST POLL", "LAST OK", "NEXT POLL", "FAILS")
+    table, details = [], []
+    for s in cfg.sources:
+        r = rows.get(s.name)
+        if r is None:
+            table.append((s.name, s.type, "never", "never", "at start", "0"))
+            details.append([])
+            continue
+        next_poll = r["next_poll_at"]
+        due = "due" if next_poll is not None and next_poll <= now else relative(next_poll, now)
+        table.append((s.name, s.type, relative(r["last_poll_at"], now),
+                      relative(r["last_ok_at"], now), due, str(r["consecutive_failures"])))  # fmt: skip
+        lines = []
+        if state := state_in_words(s.type, r["state"]):
+            lines.append(("", safe(state, redact)))
+        if r["last_error"]:
+            lines.append(("error: ", safe(r["last_error"], redact)))
+        details.append(lines)
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    fits = sum(widths) + 2 * (len(widths) - 1) <= out.width
+    if fits:
+        out.line(("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+                  "bold"))  # fmt: skip
+    for row, lines in zip(table, details, strict=True):
+        failing = row[5] != "0"
+        if fits:
+            cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+            out.line(("  ".join(cells[:5]) + "  ", ""), (row[5], "red" if failing else ""))
+        else:
+            out.line((row[0], "bold"))
+            out.line(f"  {row[1]} · polled {row[2]} · ok {row[3]} · next {row[4]} · ",
+                     (f"{row[5]} fails", "red" if failing else ""), cut=True)  # fmt: skip
+        for label, text in lines:
+            out.line("  ", (label, "red"), (text, "dim" if not label else ""), cut=True)
+
+
+@app.command()
+def items(
+    config: ConfigOption = None,
+    source: typing.Annotated[
+        str | None, typer.Option("--source", help="Only this source's items")
+    ] = None,
+    label: typing.Annotated[
+        str | None,
+        typer.Option(
+            "--label", help="Only items the LLM gave this label (relevant, negative, question, ...)"
+        ),
+    ] = None,
+    since: typing.Annotated[
+        str | None, typer.Option("--since", help='Only what came in within this long: "1d", "6h"')
+    ] = None,
+    search: typing.Annotated[
+        str | None, typer.Option("--search", help="Only items whose text contains this")
+    ] = None,
+    limit: typing.Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """What came in, newest first: stage, labels, summary and link. The number
+    in front is the ID other commands take (dlq show, dlq retry).
+
+    Example: agentwatch items --since 1d --label question --search pricing
+    """
+    cfg = open_config(config, read_only=True)
+    if label is not None and label not in LABELS:
+        raise typer.BadParameter(
+            f"{label!r} is not a label (labels: {', '.join(sorted(LABELS))})", param_hint="--label"
+        )
+    cutoff = None
+    if since is not None:
+        try:
+            cutoff = time.time() - parse_duration(since, "--since")
+        except ConfigError as e:
+            raise typer.BadParameter(
+                str(e).removeprefix("--since: "), param_hint="--since"
+            ) from None
+    store = open_store(cfg)
+    if source is not None:
+        known = {s.name for s in cfg.sources} | {r["name"] for r in store.sources()}
+        if source not in known:
+            raise typer.BadParameter(
+                f"no source named {source!r} (sources: {', '.join(sorted(known)) or 'none'})",
+                param_hint="--source",
+            )
+    rows = store.newest_items(source=source, label=label, since=cutoff, search=search, limit=limit)
+    redact = redactor(cfg)
+    if as_json:
+        echo_json([_item_json(r, redact) for r in rows])
+        return
+    out = Out()
+    if not rows:
+        out.line("no items" + (" match" if (source or label or since or search) else " yet"))
+        return
+    now = time.time()
+    id_width = max(len(str(r["id"])) for r in rows)
+    for r in rows:
+        stage, style = _item_stage(r)
+        labels = item_labels(r)
+        out.line((str(r["id"]).rjust(id_width), "bold cyan"),
+                 f"  {relative(r['created_at'], now)}  {r['source']}  ", (stage, style),
+                 f"  {labels}" if labels else "", cut=True)  # fmt: skip
+        pad = " " * (id_width + 2)
+        out.line(pad, (safe(r["title"] or "(no title)", redact), "bold"), cut=True)
+        if summary := item_summary(r):
+            out.line(pad, safe(summary, redact), cut=True)
+        if r["note"]:
+            out.line(pad, (safe(r["note"], redact), "dim"), cut=True)
+        if r["last_error"] and r["status"] in ("pending", "dead"):
+            out.line(pad, ("error: ", "red"), safe(r["last_error"], redact), cut=True)
+        if r["url"]:
+            out.line(pad, (safe(r["url"], redact), "blue"))
+
+
+def _item_stage(row: sqlite3.Row) -> tuple[str, str]:
+    """What became of an item, in a word or two, and its colour in a terminal."""
+    status, stage = row["status"], row["stage"]
+    if status == "pending":
+        tries = f" (after {row['attempts']} failed)" if row["attempts"] else ""
+        return f"pending {stage}{tries}", "yellow"
+    if status == "dead":
+        return f"dead at {stage}", "red"
+    if status == "done":
+        return ("notified", "green") if row["notified_at"] else ("done", "green")
+    return status, "dim"  # seen, skipped, dropped
+
+
+def _item_json(row: sqlite3.Row, redact: Callable[[Any], str]) -> dict:
+    classification = json.loads(row["classification"]) if row["classification"] else None
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "item_id": row["item_id"],
+        "title": redact(row["title"]),
+        "url": redact(row["url"]),
+        "author": row["author"],
+        "published_at": iso(row["published_at"]),
+        "created_at": iso(row["created_at"]),
+        "status": row["status"],
+        "stage": row["stage"],
+        "attempts": row["attempts"],
+        "labels": sorted(labels_of(classification)),
+        "classification": classification,
+        "summary": redact(item_summary(row)),
+        "draft": row["draft"],
+        "note": row["note"],
+        "error": redact(row["last_error"]),
+        "notified_at": iso(row["notified_at"]),
+    }
 
 
 @dlq_app.command("list")
-def dlq_list(
-    config: ConfigOption = None,
-    as_json: typing.Annotated[bool, typer.Option("--json", help="A JSON array")] = False,
-) -> None:
-    """Items in the dead-letter queue."""
-    store = open_store(open_config(config))
-    dead = [dead_letter_json(r) for r in store.dead()]
+def dlq_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Items in the dead-letter queue.
+
+    Example: agentwatch dlq list --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    redact = redactor(cfg)
+    dead = [
+        {
+            k: redact(v) if k in ("title", "url", "error") else v
+            for k, v in dead_letter_json(r).items()
+        }
+        for r in store.dead()
+    ]
     if as_json:
-        typer.echo(json.dumps(dead, indent=2))
+        echo_json(dead)
         return
+    out = Out()
     if not dead:
-        typer.echo("the dead-letter queue is empty")
+        out.line("the dead-letter queue is empty")
         return
     for d in dead:
-        typer.echo(
-            f"{d['id']:>6}  {d['failed_at']}  {d['source']}  {d['stage']}  "
-            f"x{d['attempts']}  {d['item_id']}\n        {d['title'][:100]}\n        {d['error']}"
-        )
+        out.line((f"{d['id']:>6}", "bold cyan"),
+                 printable(f"  {d['failed_at']}  {d['source']}  {d['stage']}  x{d['attempts']}  "
+                           f"{d['item_id']}"), cut=True)  # fmt: skip
+        out.line("        ", printable(d["title"][:100]), cut=True)
+        out.line("        ", (printable(d["error"]), "red"), cut=True)
 
 
 @dlq_app.command("show")
 def dlq_show(id: int, config: ConfigOption = None) -> None:
-    """Everything stored about one dead-lettered item."""
-    store = open_store(open_config(config))
+    """Everything stored about one dead-lettered item (JSON).
+
+    Example: agentwatch dlq show 1234
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
     row = store.item(id)
     if row is None or row["status"] != "dead":
         raise fail(AgentwatchError(f"no dead-lettered item with id {id}"))
-    shown = dict(row)
+    redact = redactor(cfg)
+    shown = {k: redact(v) if isinstance(v, str) else v for k, v in dict(row).items()}
     for key in (
         "published_at",
         "next_attempt_at",
@@ -3805,7 +4210,7 @@ def dlq_show(id: int, config: ConfigOption = None) -> None:
         shown[key] = iso(shown[key])
     for key in ("classification", "extra"):
         shown[key] = json.loads(shown[key]) if shown[key] else None
-    typer.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+    echo_json(shown)
 
 
 def _ids_or_all(ids: list[int] | None, all_: bool) -> list[int] | None:
@@ -3820,8 +4225,11 @@ def dlq_retry(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Resume items at the stage that failed; a running process picks them up."""
-    store = open_store(open_config(config))
+    """Resume items at the stage that failed; a running process picks them up.
+
+    Example: agentwatch dlq retry 1234 1240
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_retry(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) queued for retry")
 
@@ -3832,8 +4240,11 @@ def dlq_drop(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Give up on items for good (they stay recorded, so they are never fetched again)."""
-    store = open_store(open_config(config))
+    """Give up on items for good (they stay recorded, so they are never fetched again).
+
+    Example: agentwatch dlq drop --all
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_drop(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) dropped")
 
