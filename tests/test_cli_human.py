@@ -46,12 +46,12 @@ def _polled(store: agentwatch.Store, *, failing: str = "", error: str = LONG_ERR
     now = time.time()
     for name in NAMES:
         store.source_row(name, "rss")
-        store.record_poll(name, [], state={}, etag=None, last_modified=None, next_poll_at=now + 40)
+        store.record_poll(name, [], state={}, validators={}, next_poll_at=now + 40)
     with store.transaction() as db:
         db.execute("UPDATE sources SET last_poll_at = ?, last_ok_at = ?", (now - 120, now - 120))
     if failing:
-        for _ in range(3):
-            store.record_poll_failure(failing, error, now + 300)
+        for n in range(1, 4):
+            store.record_poll_failure(failing, error, "server_error", now + 300, n)
 
 
 def _add_item(store: agentwatch.Store, source: str, item_id: str, **fields) -> int:
