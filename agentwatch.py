@@ -95,6 +95,7 @@ class StageError(AgentwatchError):
         super().__init__(message)
         self.retry_after = retry_after
         self.kind = kind  # a short word for reports: "timeout", "rate_limited", "blocked" ...
+        self.usage: Any = None  # an LLM call that was paid before the stage failed
 
 
 class TransientError(StageError):
@@ -229,6 +230,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)
+    if hint is Secret:
+        return Secret(coerce(value, str, key))
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
@@ -373,13 +376,47 @@ class Config:
         return {s.name: s for s in self.sources}
 
     def secrets(self) -> list[str]:
-        """Values that must never reach a log line."""
+        """Values that must never reach a log line, /health, `status` or `dlq show`."""
         found = [self.slack.webhook_url, os.environ.get("ANTHROPIC_API_KEY", "")]
         for s in self.sources:
             found.append(s.slack_webhook_url)
-            for key in ("client_secret", "password", "token", "secret"):
-                found.append(getattr(s.options, key, "") or "")
+            found.extend(option_secrets(s.options))
         return [v for v in found if isinstance(v, str) and len(v) >= 6]
+
+
+# Version 1 drop-ins had no Secret type; options of these names were secrets then.
+V1_SECRET_NAMES = ("client_secret", "password", "token")
+# Credentials that ride inside URLs: private feeds, signed links, keys in the query.
+_URL_SECRET_PARAM = re.compile(
+    r"(?i)^(?:.*token|.*key|.*secret|feed|auth|sig|signature|password|pass|code)$"
+)
+
+
+def option_secrets(options: Any) -> list[str]:
+    """A source's credentials: every Secret-typed option, a version-1 drop-in's
+    options by name, and passwords and token-like query values inside URLs."""
+    import urllib.parse
+
+    found: list[str] = []
+    if not dataclasses.is_dataclass(options):
+        return found
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name, None)
+        if isinstance(value, dict):
+            value = list(value.values())
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, str) or not v:
+                continue
+            if isinstance(v, Secret) or f.name in V1_SECRET_NAMES:
+                found.append(v)
+            elif re.match(r"^[a-z][a-z0-9+.-]*://", v, re.I):
+                parts = urllib.parse.urlsplit(v)
+                if parts.password:
+                    found.append(parts.password)
+                found += [val for key, val in urllib.parse.parse_qsl(parts.query)
+                          if _URL_SECRET_PARAM.match(key)]  # fmt: skip
+    return found
 
 
 def config_path(given: str | Path | None) -> Path:
@@ -615,20 +652,19 @@ CREATE TABLE llm_usage (
 CREATE INDEX llm_usage_at ON llm_usage (at);
 """)
 
+# Version 2: conditional-GET validators per URL (a source may fetch several), and
+# the kind of a source's last error ("rate_limited", "invalid_item", ...).
+MIGRATIONS.append("""
+ALTER TABLE sources ADD COLUMN validators TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE sources ADD COLUMN last_error_kind TEXT NOT NULL DEFAULT ''
+""")
+
 BODY_LIMIT = 20_000  # characters of an item's body that are stored
 
 
 def utc_midnight(now: float | None = None) -> float:
     today = dt.datetime.fromtimestamp(now or time.time(), dt.UTC).date()
     return dt.datetime.combine(today, dt.time(), dt.UTC).timestamp()
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return (
-        dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    )
 
 
 class Store:
@@ -702,8 +738,8 @@ class Store:
         return known
 
     def record_poll(
-        self, source: str, rows: list[dict], *, state: dict, etag: str | None,
-        last_modified: str | None, next_poll_at: float,
+        self, source: str, rows: list[dict], *, state: dict, validators: dict,
+        next_poll_at: float,
     ) -> None:  # fmt: skip
         """New items and the source's new memory, in one transaction: a crash
         between the two can neither lose items nor post them twice."""
@@ -718,18 +754,21 @@ class Store:
                 [{"source": source, "created_at": now, **r} for r in rows],
             )
             db.execute(
-                """UPDATE sources SET etag = ?, last_modified = ?, last_poll_at = ?, last_ok_at = ?,
-                   consecutive_failures = 0, next_poll_at = ?, last_error = '', baseline_done = 1,
-                   state = ? WHERE name = ?""",
-                (etag, last_modified, now, now, next_poll_at, json.dumps(state), source),
+                """UPDATE sources SET etag = NULL, last_modified = NULL, validators = ?,
+                   last_poll_at = ?, last_ok_at = ?, consecutive_failures = 0, next_poll_at = ?,
+                   last_error = '', last_error_kind = '', baseline_done = 1, state = ?
+                   WHERE name = ?""",
+                (json.dumps(validators), now, now, next_poll_at, json.dumps(state), source),
             )
 
-    def record_poll_failure(self, source: str, error: str, next_poll_at: float) -> None:
+    def record_poll_failure(
+        self, source: str, error: str, kind: str, next_poll_at: float, failures: int
+    ) -> None:
         with self.transaction() as db:
             db.execute(
-                """UPDATE sources SET last_poll_at = ?, consecutive_failures =
-                   consecutive_failures + 1, next_poll_at = ?, last_error = ? WHERE name = ?""",
-                (time.time(), next_poll_at, error, source),
+                """UPDATE sources SET last_poll_at = ?, consecutive_failures = ?,
+                   next_poll_at = ?, last_error = ?, last_error_kind = ? WHERE name = ?""",
+                (time.time(), failures, next_poll_at, error, kind, source),
             )
 
     # --- items ---------------------------------------------------------------
@@ -758,16 +797,26 @@ class Store:
         with self.transaction() as db:
             db.execute(f"UPDATE items SET {assignments} WHERE id = :id", {**fields, "id": row_id})
 
-    def record_usage(self, row: sqlite3.Row, stage: str, usage: LLMUsage) -> None:
+    def record_stage(
+        self, row: sqlite3.Row, fields: dict, usage: LLMUsage | None = None, stage: str = ""
+    ) -> None:
+        """A stage's outcome and, when it called the LLM, the call's usage, in one
+        transaction: the call is neither paid again nor counted twice."""
+        fields = {**fields, "updated_at": time.time()}
+        assignments = ", ".join(f"{k} = :{k}" for k in fields)
         with self.transaction() as db:
             db.execute(
-                """INSERT INTO llm_usage (at, source, item_id, stage, model, input_tokens,
-                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (time.time(), row["source"], row["item_id"], stage, usage.model,
-                 usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-                 usage.cache_write_tokens, usage.cost_usd),
-            )  # fmt: skip
+                f"UPDATE items SET {assignments} WHERE id = :id", {**fields, "id": row["id"]}
+            )
+            if usage is not None:
+                db.execute(
+                    """INSERT INTO llm_usage (at, source, item_id, stage, model, input_tokens,
+                       output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (time.time(), row["source"], row["item_id"], stage or row["stage"],
+                     usage.model, usage.input_tokens, usage.output_tokens,
+                     usage.cache_read_tokens, usage.cache_write_tokens, usage.cost_usd),
+                )  # fmt: skip
 
     def spent_since(self, since: float) -> float:
         row = self.db.execute("SELECT SUM(cost_usd) FROM llm_usage WHERE at >= ?", (since,))
@@ -844,8 +893,35 @@ def dead_letter_json(row: sqlite3.Row) -> dict:
 
 
 # ###########################################################################
-# ### Sources (registry, loader, fetching)
+# ### Source API (registry, loader, fetching, rate budgets, tokens)
 # ###########################################################################
+#
+# Everything a source type may use, and nothing of the engine's insides. A type
+# is a `Source` subclass registered with `@source("name")`, with a frozen
+# `Options` dataclass of its own keys and an `async poll()` returning `Item`s.
+# Through `self` it gets:
+#
+#   self.options, self.name, self.log     its config and its logger
+#   self.state                            its memory (JSON), committed with the poll's items
+#   await self.fetch(url, ...)            bounded by what is left of the poll's deadline,
+#                                         body capped, validators kept per URL (conditional=True)
+#   self.raise_for_status(fetched, what)  the one meaning of an HTTP status for a poll
+#   self.rate_budget(key)                 a process-wide request budget (X-RateLimit-*, Retry-After)
+#   self.token_cache(key)                 a process-wide access token, refreshed once on a 401
+#   Secret                                the type of an option that is a credential
+#   first_poll = "baseline" | "report"    whether the engine baselines the first poll silently
+#   llm_stages, stages(item)              the type's own LLM stages (with their prompts)
+#   async committed(items)                called once a poll's items are stored (acks go there)
+#
+# The engine checks every Item at the boundary; a poll that raises anything or
+# returns something invalid makes the source a failing source (backoff, /health,
+# `status`), never a dead task. Helpers: iso, host_of, parse_retry_after,
+# html_to_text, human_duration.
+
+
+class Secret(str):
+    """The type of an option whose value is a credential: `token: Secret = Secret("")`.
+    Every Secret of every source is masked in logs, /health, `status`, `dlq show`."""
 
 
 @dataclass
@@ -863,6 +939,49 @@ class Item:
     extra: dict = field(default_factory=dict)  # the type's own fields, stored as JSON
 
 
+ITEM_ID_LIMIT = 1000  # characters; longer ids are a source's bug, not data
+_ITEM_TEXT_FIELDS = ("title", "url", "author", "body", "kind")
+
+
+def validate_items(items: Any, source_name: str) -> list[Item]:
+    """The boundary between a source and the store: what `poll` returned, checked
+    so that nothing it returns can fail later, outside the poll's guard."""
+    if not isinstance(items, list | tuple):
+        raise PermanentError(
+            f"poll returned {type(items).__name__}, not a list of Item", kind="invalid_item"
+        )
+    for n, item in enumerate(items):
+        where = f"item {n}"
+
+        def bad(problem: str, where: str = where) -> PermanentError:
+            return PermanentError(f"{source_name}: {where} {problem}", kind="invalid_item")
+
+        if not isinstance(item, Item):
+            raise bad(f"is a {type(item).__name__}, not an Item")
+        if not isinstance(item.item_id, str) or not item.item_id.strip():
+            raise bad(f"has no item_id (got {item.item_id!r})")
+        where = f"item {item.item_id[:80]!r}"
+        if len(item.item_id) > ITEM_ID_LIMIT:
+            raise bad(f"has an item_id longer than {ITEM_ID_LIMIT} characters")
+        for name in _ITEM_TEXT_FIELDS:
+            if not isinstance(getattr(item, name), str):
+                raise bad(f"has a {name} of type {type(getattr(item, name)).__name__}, not str")
+        published = item.published_at
+        if published is not None and (
+            isinstance(published, bool)
+            or not isinstance(published, int | float)
+            or not math.isfinite(published)
+        ):
+            raise bad(f"has published_at {published!r}: it must be epoch seconds (a finite number)")
+        if not isinstance(item.extra, dict):
+            raise bad(f"has extra of type {type(item.extra).__name__}, not dict")
+        try:
+            json.dumps(item.extra, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise bad(f"has extra that is not JSON: {e}") from None
+    return list(items)
+
+
 @dataclass
 class Fetched:
     status: int
@@ -871,10 +990,246 @@ class Fetched:
     url: str
     elapsed: float
 
+    def json(self) -> Any:
+        """The body as JSON, or a TransientError saying what came instead."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            preview = self.body[:80].decode("utf-8", "replace")
+            raise TransientError(
+                f"{host_of(self.url)} answered {self.status} with something that is not JSON "
+                f"({len(self.body)} bytes: {preview!r}); agentwatch retries",
+                kind="bad_response",
+            ) from None
+
+
+@dataclass(frozen=True)
+class LLMStage:
+    """A source's own LLM stage: its prompt, and which model runs it ("model" is the
+    cheap classification model, "draft_model" the stronger one). The result is
+    stored as the item's summary and shown in Slack."""
+
+    prompt: str
+    model: Literal["model", "draft_model"] = "model"
+    max_tokens: int = 600
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 in UTC. Total: None for None and for what is not a real time."""
+    try:
+        return (
+            dt.datetime.fromtimestamp(ts, dt.UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z")
+        )
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def host_of(url: str) -> str:
+    m = re.match(r"^[a-z][a-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]+)", url, re.I)
+    return m.group(1) if m else url
+
+
+def _origin(url: str) -> tuple[str, str]:
+    m = re.match(r"^([a-z][a-z0-9+.-]*)://(?:[^@/?#]*@)?([^/?#]+)", url, re.I)
+    return (m.group(1).lower(), m.group(2).lower()) if m else ("", url)
+
+
+def parse_retry_after(value: Any, cap: float = 86400.0) -> float | None:
+    """Seconds to wait from a Retry-After (seconds or an HTTP date), within [0, cap].
+    Anything else (garbage, "inf", "nan") is None: a hostile header cannot
+    push a source's next poll to infinity."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            from email.utils import parsedate_to_datetime
+
+            seconds = parsedate_to_datetime(str(value)).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), cap)
+
+
+def _header_float(headers: Any, name: str) -> float | None:
+    try:
+        value = float(headers.get(name))  # "997.0": Reddit sends floats as strings
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds as "45s", "4m 12s", "2h 5m", "3d 4h"."""
+    s = max(0, round(seconds)) if math.isfinite(seconds) else 0
+    units = ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s"))
+    for size, unit, sub_size, sub_unit in units:
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size}{unit}" + (f" {rest}{sub_unit}" if rest else "")
+    return f"{s}s"
+
+
+# Credentials met at run time (access tokens): masked in every log line too.
+RUNTIME_SECRETS: set[str] = set()
+
+
+class RateBudget:
+    """An API's request budget, shared by every source that uses the same key (one
+    client id, one token, one server address). It reads what answers say about
+    the window (X-RateLimit-Remaining/-Used/-Reset, Retry-After); once less than
+    `low_water` of the window is left it spreads the rest evenly until the reset,
+    so the budget lasts instead of ending in a 429. `pace` sets a floor between
+    two requests; `penalize` holds everything back after a 429 or a `backoff`."""
+
+    def __init__(self, who: str, low_water: float = 0.1):
+        self.who = who
+        self.low_water = low_water
+        self.remaining: float | None = None
+        self.used = 0.0
+        self.reset_at = 0.0  # time.monotonic() when the window resets
+        self.penalty_until = 0.0  # nothing goes out before this
+        self.min_interval = 0.0
+        self.last_sent = -math.inf
+        self.in_flight = 0
+        self.sent = 0
+
+    def pace(self, seconds: float) -> None:
+        """At least `seconds` between two requests; the shortest pace asked for wins."""
+        if seconds > 0 and (not self.min_interval or seconds < self.min_interval):
+            self.min_interval = seconds
+
+    def delay(self, now: float) -> float:
+        """Seconds before the next request may go."""
+        paced = max(0.0, self.last_sent + self.min_interval - now)
+        if now < self.penalty_until:
+            return max(paced, self.penalty_until - now)
+        if self.remaining is None or now >= self.reset_at:
+            return paced
+        left = self.remaining - self.in_flight
+        if left < 1:
+            return self.reset_at - now
+        if left >= (self.remaining + self.used) * self.low_water:
+            return paced
+        return max(paced, self.last_sent + (self.reset_at - now) / left - now)
+
+    def rate_limited(self, wait: float) -> TransientError:
+        if time.monotonic() < self.penalty_until:
+            why = f"{self.who} is rate-limited and was asked to wait"
+        elif self.remaining is not None and self.remaining - self.in_flight < 1:
+            why = (
+                f"the request budget of {self.who} is used up ({self.used:.0f} used in this window)"
+            )
+        else:
+            why = f"requests of {self.who} are paced"
+        return TransientError(
+            f"{why}; {math.ceil(wait)}s to go. If it recurs, poll less often (`every`)",
+            retry_after=wait,
+            kind="rate_limited",
+        )
+
+    async def acquire(self, until: float = math.inf, lend: Callable | None = None) -> None:
+        """Wait for a slot, or raise rate_limited when it would come after `until`
+        (monotonic). `lend()` gives a context manager held while asleep (the
+        scheduler's way of lending the poll slot to others meanwhile)."""
+        while (wait := self.delay(time.monotonic())) > 0:
+            if time.monotonic() + wait > until:
+                raise self.rate_limited(wait)
+            async with lend() if lend else contextlib.nullcontext():
+                await asyncio.sleep(wait)
+        self.last_sent = time.monotonic()
+        self.in_flight += 1
+        self.sent += 1
+
+    def settle(self, headers: Any) -> None:
+        """A request is over (headers None: it got no answer): note what was said."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if headers is None:
+            return
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        if retry_after:
+            self.penalize(retry_after)
+        remaining = _header_float(headers, "x-ratelimit-remaining")
+        reset = _header_float(headers, "x-ratelimit-reset")
+        if remaining is None or reset is None:
+            return
+        now = time.monotonic()
+        if reset > 1e9:  # GitHub sends the reset as an epoch time, Reddit as seconds from now
+            reset = reset - time.time()
+        reset_at = now + min(max(0.0, reset), 86400.0)
+        used = _header_float(headers, "x-ratelimit-used") or 0.0
+        # Answers to concurrent requests arrive in any order: within one window
+        # keep the lowest count; a later reset time means a new window.
+        if self.remaining is None or now >= self.reset_at or reset_at > self.reset_at + 1.5:
+            self.remaining, self.used = remaining, used
+        else:
+            self.remaining, self.used = min(self.remaining, remaining), max(self.used, used)
+        self.reset_at = reset_at
+
+    def penalize(self, seconds: float) -> None:
+        self.penalty_until = max(self.penalty_until, time.monotonic() + seconds)
+
+
+class TokenCache:
+    """An access token shared by the sources with the same credentials."""
+
+    def __init__(self) -> None:
+        self.value = ""
+        self.expires_at = 0.0  # time.monotonic()
+        self.refreshed = 0
+        self.lock = asyncio.Lock()
+
+    async def get(self, refresh: Callable[[], Any], stale: str | None = None) -> str:
+        """The cached token, or a new one from `await refresh()` → (token, lifetime
+        in seconds or None) when there is none, it expired, or it is `stale` (the
+        one that just got a 401). Whoever holds the lock refreshes, once for all."""
+        async with self.lock:
+            if self.value and self.value != stale and time.monotonic() < self.expires_at:
+                return self.value
+            value, lifetime = await refresh()
+            if not isinstance(value, str) or not value:
+                raise TransientError("the token answer carries no token", kind="bad_response")
+            lifetime = 3600.0 if lifetime is None else float(lifetime)
+            RUNTIME_SECRETS.add(value)
+            self.value = value
+            self.expires_at = time.monotonic() + max(1.0, lifetime - min(60.0, lifetime / 10))
+            self.refreshed += 1
+            return value
+
+    def clear(self) -> None:
+        self.value, self.expires_at = "", 0.0
+
+
+class _BoundBudget:
+    """A RateBudget as one poll of one source sees it: waits end by the poll's
+    deadline, and a wait lends the poll slot to other sources."""
+
+    def __init__(self, budget: RateBudget, src: Source):
+        self._budget, self._src = budget, src
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._budget, name)
+
+    async def acquire(self) -> None:
+        src = self._src
+        # Leave room for the request itself to get an answer before the deadline.
+        until = src.deadline - min(src.settings.fetch_timeout, 5.0)
+        await self._budget.acquire(until, src._lend_slot)
+
+
+POLL_TIME_FACTOR = 4  # a poll may take fetch_timeout x this, plus POLL_TIME_EXTRA
+POLL_TIME_EXTRA = 10.0
+
 
 class Source:
-    """Base of every source type. A type sets `Options` (a dataclass of its own
-    config keys, validated like the rest of the config) and implements `poll`."""
+    """Base of every source type: the API above. A type sets `Options` (a dataclass
+    of its own config keys, validated like the rest of the config) and implements
+    `poll`."""
 
     type: ClassVar[str] = ""
 
@@ -882,9 +1237,10 @@ class Source:
     class Options:
         pass
 
-    # False: the type decides itself what is new (url checks), so the first poll
-    # is not turned into a silent baseline.
-    baseline: ClassVar[bool] = True
+    # "baseline": the first poll is recorded as seen, except `backfill` newest.
+    # "report": the type decides itself what is new (url checks).
+    first_poll: ClassVar[Literal["baseline", "report"]] = "baseline"
+    llm_stages: ClassVar[dict[str, LLMStage]] = {}
 
     def __init__(self, config: SourceConfig, settings: Settings, http: Any, shared: dict):
         self.config = config
@@ -892,10 +1248,18 @@ class Source:
         self.options = config.options
         self.settings = settings
         self.http = http  # one httpx2.AsyncClient for the whole process (keep-alive)
-        self.shared = shared  # process-wide, for things sources share (rate budgets)
+        self._shared = shared  # the process's budgets and token caches, by key
         self.state: dict = {}  # persisted with each successful poll
-        self.etag: str | None = None
-        self.last_modified: str | None = None
+        self.validators: dict[str, dict] = {}  # url → {"etag", "last_modified"}
+        self._deadline: float | None = None
+        self._slot: asyncio.Semaphore | None = None
+        self._slot_held = False
+        self._failures: int | None = None  # consecutive failed polls, once known
+
+    @property
+    def baseline(self) -> bool:
+        # Version 1 drop-ins said `baseline = False` for "report".
+        return self.first_poll == "baseline" and type(self).__dict__.get("baseline", True)
 
     @property
     def log(self) -> logging.Logger:
@@ -904,6 +1268,10 @@ class Source:
 
     async def poll(self) -> list[Item]:
         raise NotImplementedError
+
+    async def committed(self, items: list[Item]) -> None:
+        """Called once the items of a poll (all it returned, new or not) and the
+        source's state are stored. A queue source acknowledges them here."""
 
     def stages(self, item: Item) -> tuple[str, ...]:
         """The stages an item of this source runs after it is admitted."""
@@ -918,94 +1286,172 @@ class Source:
         """A short phrase for `status` from the persisted state ("up since ...")."""
         return ""
 
+    # --- what the engine provides ------------------------------------------
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() by which this poll must be over."""
+        if self._deadline is None:  # polled directly (preview, tests): one poll's allowance
+            self._deadline = time.monotonic() + self.poll_allowance(self.settings)
+        return self._deadline
+
+    @staticmethod
+    def poll_allowance(settings: Settings) -> float:
+        return settings.fetch_timeout * POLL_TIME_FACTOR + POLL_TIME_EXTRA
+
+    def rate_budget(self, key: str, *, what: str = "", low_water: float = 0.1) -> _BoundBudget:
+        budgets = self._shared.setdefault(RateBudget, {})
+        if key not in budgets:
+            budgets[key] = RateBudget(what or key, low_water)
+        return _BoundBudget(budgets[key], self)
+
+    def token_cache(self, key: str) -> TokenCache:
+        return self._shared.setdefault(TokenCache, {}).setdefault(key, TokenCache())
+
+    @contextlib.asynccontextmanager
+    async def _lend_slot(self):
+        """While this poll waits for a rate budget, another source may use its slot."""
+        slot = self._slot
+        if slot is None or not self._slot_held:
+            yield
+            return
+        slot.release()
+        self._slot_held = False
+        try:
+            yield
+        finally:
+            await slot.acquire()
+            self._slot_held = True
+
+    def raise_for_status(self, fetched: Fetched, what: str) -> None:
+        raise_for_status(fetched, what, self.settings.retry_max)
+
     async def fetch(
         self, url: str, *, method: str = "GET", conditional: bool = False,
-        headers: dict | None = None, deadline: float | None = None, **kwargs: Any,
+        headers: dict | None = None, params: Any = None, data: Any = None, json: Any = None,
+        auth: Any = None, follow_redirects: bool = True, deadline: float | None = None,
     ) -> Fetched:  # fmt: skip
-        """Fetch with a whole-response deadline and a body cap; transport failures
-        become TransientError. With `conditional`, sends the stored validators and
-        keeps the new ones; a 304 comes back with an empty body."""
+        """Fetch within what is left of the poll's deadline (and `deadline` seconds,
+        and fetch_timeout, whichever ends first), with the body capped at
+        max_bytes; transport failures become TransientError. With `conditional`,
+        sends the validators stored for this URL and keeps the new ones; a 304
+        comes back with an empty body. Redirects are followed (at most 5); the
+        caller's headers are not sent to another origin."""
         import httpx2
 
-        headers = dict(headers or {})
-        if conditional and self.etag:
-            headers["If-None-Match"] = self.etag
-        if conditional and self.last_modified:
-            headers["If-Modified-Since"] = self.last_modified
-        limit = self.settings.max_bytes
-        deadline = deadline or self.settings.fetch_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(
+                f"this poll ran out of time before asking {host_of(url)}", kind="timeout"
+            )
+        limit = min(self.settings.fetch_timeout, left, deadline or math.inf)
+        request = self.http.build_request(
+            method, url, headers=headers, params=params, data=data, json=json
+        )
+        key = str(request.url)
+        known = self.validators.get(key, {}) if conditional else {}
+        if known.get("etag"):
+            request.headers["If-None-Match"] = known["etag"]
+        if known.get("last_modified"):
+            request.headers["If-Modified-Since"] = known["last_modified"]
         started = time.monotonic()
         try:
-            async with asyncio.timeout(deadline):
-                async with self.http.stream(method, url, headers=headers, **kwargs) as r:
-                    chunks, size = [], 0
-                    async for chunk in r.aiter_bytes():  # decompressed: the cap is after it
-                        size += len(chunk)
-                        if size > limit:
-                            raise PermanentError(
-                                f"{url} is larger than max_bytes ({limit} bytes)", kind="too_large"
-                            )
-                        chunks.append(chunk)
+            async with asyncio.timeout(limit):
+                r, body = await self._send(request, auth, follow_redirects, headers or {})
         except TimeoutError:
             raise TransientError(
-                f"no complete answer from {_host(url)} within {deadline:g}s",
-                kind="timeout",
+                f"no complete answer from {host_of(url)} within {limit:g}s", kind="timeout"
             ) from None
         except httpx2.TimeoutException:
-            raise TransientError(f"{_host(url)} timed out", kind="timeout") from None
+            raise TransientError(f"{host_of(url)} timed out", kind="timeout") from None
         except httpx2.ConnectError as e:
             raise TransientError(
-                f"cannot connect to {_host(url)}: {e}", kind="unreachable"
+                f"cannot connect to {host_of(url)}: {e}", kind="unreachable"
             ) from None
-        except httpx2.TooManyRedirects:
-            raise TransientError(f"{url} redirects too many times", kind="redirects") from None
         except httpx2.HTTPError as e:
-            raise TransientError(f"{_host(url)}: {type(e).__name__}: {e}", kind="network") from None
+            raise TransientError(
+                f"{host_of(url)}: {type(e).__name__}: {e}", kind="network"
+            ) from None
         if conditional and r.status_code == 200:
-            self.etag = r.headers.get("etag") or None
-            self.last_modified = r.headers.get("last-modified") or None
-        return Fetched(
-            r.status_code, r.headers, b"".join(chunks), str(r.url), time.monotonic() - started
-        )
+            pairs = (
+                ("etag", r.headers.get("etag")),
+                ("last_modified", r.headers.get("last-modified")),
+            )
+            fresh = {k: v for k, v in pairs if v}
+            if fresh:
+                self.validators[key] = fresh
+            else:
+                self.validators.pop(key, None)
+        return Fetched(r.status_code, r.headers, body, str(r.url), time.monotonic() - started)
+
+    async def _send(
+        self, request: Any, auth: Any, follow: bool, own_headers: dict
+    ) -> tuple[Any, bytes]:
+        limit = self.settings.max_bytes
+        for _ in range(MAX_REDIRECTS + 1):
+            r = await self.http.send(request, auth=auth, stream=True, follow_redirects=False)
+            try:
+                location = r.headers.get("location")
+                if follow and r.is_redirect and location:
+                    request = self._redirected(request, r, own_headers)
+                    continue
+                chunks, size = [], 0
+                async for chunk in r.aiter_bytes():  # decompressed: the cap is after it
+                    size += len(chunk)
+                    if size > limit:
+                        raise PermanentError(
+                            f"{request.url} is larger than max_bytes ({limit} bytes)",
+                            kind="too_large",
+                        )
+                    chunks.append(chunk)
+                return r, b"".join(chunks)
+            finally:
+                await r.aclose()
+        raise TransientError(f"{request.url} redirects too many times", kind="redirects")
+
+    def _redirected(self, request: Any, answer: Any, own_headers: dict) -> Any:
+        target = request.url.join(answer.headers["location"])
+        method = request.method
+        if answer.status_code == 303 or (answer.status_code in (301, 302) and method == "POST"):
+            method = "GET"
+        headers = dict(request.headers)
+        headers.pop("host", None)
+        if method == "GET" and request.method != "GET":
+            for name in ("content-length", "content-type", "transfer-encoding"):
+                headers.pop(name, None)
+        if _origin(str(target)) != _origin(str(request.url)):
+            # A header the source set (an API key, a cookie) belongs to its origin only.
+            own = {k.lower() for k in own_headers}
+            headers = {k: v for k, v in headers.items()
+                       if k.lower() not in own and k.lower() not in ("authorization", "cookie")}  # fmt: skip
+        content = request.content if method == request.method else None
+        return self.http.build_request(method, target, headers=headers, content=content)
 
 
-def _host(url: str) -> str:
-    m = re.match(r"^[a-z]+://([^/?#]+)", url, re.I)
-    return m.group(1) if m else url
+MAX_REDIRECTS = 5
 
 
-def raise_for_status(fetched: Fetched, what: str) -> None:
+def raise_for_status(fetched: Fetched, what: str, retry_max: float = 1800.0) -> None:
     """The usual meaning of an HTTP status for a poll."""
     status = fetched.status
     if status < 400:
         return
-    retry_after = parse_retry_after(fetched.headers.get("retry-after"))
     if status == 429:
         raise TransientError(
-            f"{what} is rate-limited (429)", retry_after=retry_after, kind="rate_limited"
+            f"{what} is rate-limited (429)",
+            retry_after=parse_retry_after(fetched.headers.get("retry-after"), retry_max),
+            kind="rate_limited",
         )
     if status >= 500:
         raise TransientError(f"{what} answered {status} (server error)", kind="server_error")
+    if status in (401, 403):
+        raise PermanentError(f"{what} refused access ({status})", kind="auth_failed")
     raise PermanentError(f"{what} answered {status}", kind=f"http_{status}")
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        from email.utils import parsedate_to_datetime
-
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 SOURCES: dict[str, type[Source]] = {}
 PLUGIN_FAILURES: dict[str, str] = {}  # drop-in file → why it did not load
+SHIPPED_SOURCES = "agentwatch_sources"
 
 
 def source(name: str) -> Callable[[type[Source]], type[Source]]:
@@ -1023,18 +1469,32 @@ def source(name: str) -> Callable[[type[Source]], type[Source]]:
     return register
 
 
+def load_shipped_sources() -> None:
+    """The source types shipped in `agentwatch_sources`, under their real names. One
+    that fails to import is a bug in agentwatch: its traceback is not hidden."""
+    try:
+        import agentwatch_sources
+    except ImportError:  # agentwatch.py run on its own: rss only
+        return
+    for path in sorted(Path(agentwatch_sources.__file__).parent.glob("*.py")):
+        if not path.name.startswith("_"):
+            importlib.import_module(f"{SHIPPED_SOURCES}.{path.stem}")
+
+
 def load_plugins(config: Config) -> None:
-    """Import drop-ins: the shipped `agentwatch_sources` package, the config's own
-    `sources/` folder and the `plugins` folders. A drop-in that fails is reported,
-    not fatal: only a source that uses its type fails."""
-    folders = []
+    """Import the shipped sources, then the user's drop-ins: the config's own
+    `sources/` folder and the `plugins` folders. A drop-in that fails is
+    reported, not fatal: only a source that uses its type fails."""
+    load_shipped_sources()
+    shipped = set()
     with contextlib.suppress(ImportError):
         import agentwatch_sources
 
-        folders.append(Path(agentwatch_sources.__file__).parent)
-    folders.append(config.folder / "sources")
-    folders.extend(config.resolve(p) for p in config.agentwatch.plugins)
+        shipped.add(Path(agentwatch_sources.__file__).parent.resolve())
+    folders = [config.folder / "sources", *(config.resolve(p) for p in config.agentwatch.plugins)]
     for folder in dict.fromkeys(f.resolve() for f in folders):
+        if folder in shipped:
+            continue
         for path in sorted(folder.glob("*.py")) if folder.is_dir() else []:
             if path.name.startswith("_"):
                 continue
@@ -1153,940 +1613,11 @@ class RSSSource(Source):
         fetched = await self.fetch(self.options.url, conditional=True)
         if fetched.status == 304:
             return []
-        raise_for_status(fetched, f"feed {_host(self.options.url)}")
+        self.raise_for_status(fetched, f"feed {host_of(self.options.url)}")
         if len(fetched.body) < INLINE_PARSE_BYTES:
             return feed_items(fetched.body, dict(fetched.headers), fetched.url)
         # feedparser is pure Python: a large feed would stall the loop for tens of ms.
         return await asyncio.to_thread(feed_items, fetched.body, dict(fetched.headers), fetched.url)
-
-
-# ###########################################################################
-# ### Built-in sources: reddit
-# ###########################################################################
-#
-# Reddit answers trouble in many shapes: a 403 JSON for a private subreddit, a
-# 403 HTML page when it blocks a server, a 429 HTML page, a 200 HTML page where
-# JSON was expected, a redirect to a search when a subreddit does not exist.
-# Every failed poll lands on one rung of the access ladder (the StageError's
-# kind: blocked, rate_limited, auth_failed, unreachable, server_error,
-# bad_response) with a message saying what the user can do, so a silent Reddit
-# source always has a reason in the log, in `status` and in /health.
-
-REDDIT_WEB = "https://www.reddit.com"  # permalinks point here, whatever base_url says
-REDDIT_APPS = "https://www.reddit.com/prefs/apps"
-REDDIT_USER_AGENT = f"python:agentwatch:v{__version__} (by /u/agentwatch)"
-REDDIT_PAGE = 100  # the largest page Reddit serves
-REDDIT_MAX_PAGES = 10  # Reddit serves no listing past about 1,000 items anyway
-REDDIT_LOW_WATER = 0.1  # pace requests once less than this share of the window is left
-REDDIT_PENALTY = 60.0  # seconds to hold off after a 429 that says nothing about how long
-_SUBREDDIT = re.compile(r"^[A-Za-z0-9_]{2,21}(\+[A-Za-z0-9_]{2,21})*$")
-_REDDIT_UA = re.compile(r"^[^\s:]+:[^\s:]+:[^\s:]+ \(by /u/[A-Za-z0-9_-]{3,20}\)$")
-
-
-def _reddit_url(permalink: str) -> str:
-    path = permalink.split("?", 1)[0]  # search results carry ?ref=search_posts
-    return path if path.startswith("http") else REDDIT_WEB + "/" + path.lstrip("/")
-
-
-def reddit_item(kind: str, data: dict) -> Item | None:
-    """One post (t3) or comment (t1) of a listing; None for anything else."""
-    name = data.get("name") or (f"{kind}_{data['id']}" if data.get("id") else "")
-    if not isinstance(name, str) or not name.startswith(kind + "_"):
-        return None
-    subreddit = str(data.get("subreddit") or "")
-    created = data.get("created_utc")
-    published = float(created) if isinstance(created, int | float) else None
-    author = str(data.get("author") or "")  # "[deleted]" stays: the text is still there
-    if kind == "t3":
-        permalink = data.get("permalink") or f"/r/{subreddit}/comments/{name[3:]}/"
-        extra = {"subreddit": subreddit}
-        link = data.get("url")
-        if not data.get("is_self") and isinstance(link, str) and link:
-            extra["link"] = link if link.startswith("http") else _reddit_url(link)
-        title, body, word = data.get("title"), data.get("selftext"), "post"
-    else:
-        post = str(data.get("link_id") or "")
-        # Older listings carry no permalink; Reddit resolves any slug, "_" included.
-        permalink = data.get("permalink") or f"/r/{subreddit}/comments/{post[3:]}/_/{name[3:]}/"
-        extra = {"subreddit": subreddit, "post": post}
-        title, body, word = data.get("link_title"), data.get("body"), "comment"
-    return Item(
-        item_id=name,
-        title=str(title or ""),
-        url=_reddit_url(str(permalink)),
-        author=author,
-        published_at=published,
-        body=str(body or "")[:BODY_LIMIT],
-        kind=word,
-        extra=extra,
-    )
-
-
-def reddit_items(listing: Any) -> tuple[list[Item], str | None]:
-    """The posts and comments of one Listing, newest first, and its `after`
-    cursor. Pure: tested on recorded answers."""
-    data = listing.get("data") if isinstance(listing, dict) else None
-    if (
-        not isinstance(listing, dict)
-        or listing.get("kind") != "Listing"
-        or not isinstance(data, dict)
-        or not isinstance(data.get("children"), list)
-    ):
-        raise TransientError(
-            f"Reddit answered JSON that is not a listing ({json.dumps(listing)[:120]}): "
-            "usually a passing glitch; agentwatch retries",
-            kind="bad_response",
-        )
-    items, seen = [], set()
-    for child in data["children"]:
-        if not isinstance(child, dict) or not isinstance(child.get("data"), dict):
-            continue
-        if child.get("kind") not in ("t3", "t1"):
-            continue  # "more" stubs, subreddits (t5) ...
-        item = reddit_item(child["kind"], child["data"])
-        if item is not None and item.item_id not in seen:
-            seen.add(item.item_id)
-            items.append(item)
-    after = data.get("after")
-    return items, after if isinstance(after, str) and after else None
-
-
-def _header_float(headers: Any, name: str) -> float | None:
-    try:
-        return float(headers.get(name))  # "997.0": Reddit sends floats as strings
-    except (TypeError, ValueError):
-        return None
-
-
-class RedditBudget:
-    """Reddit's rate limit for one client id (or, without OAuth, this server's
-    address), shared by every source that uses it. Reddit counts requests in a
-    window of about ten minutes and says in each answer how many are left and
-    when the window resets. Once less than a tenth is left, requests are spread
-    evenly until the reset, so the budget lasts instead of ending in a 429."""
-
-    def __init__(self, who: str):
-        self.who = who
-        self.remaining: float | None = None
-        self.used = 0.0
-        self.reset_at = 0.0  # time.monotonic() when Reddit's window resets
-        self.penalty_until = 0.0  # after a 429, nothing goes out before this
-        self.last_sent = 0.0
-        self.in_flight = 0
-        self.sent = 0
-
-    def delay(self, now: float) -> float:
-        """Seconds before the next request may go."""
-        if now < self.penalty_until:
-            return self.penalty_until - now
-        if self.remaining is None or now >= self.reset_at:
-            return 0.0
-        left = self.remaining - self.in_flight
-        if left < 1:
-            return self.reset_at - now
-        if left >= (self.remaining + self.used) * REDDIT_LOW_WATER:
-            return 0.0
-        return max(0.0, self.last_sent + (self.reset_at - now) / left - now)
-
-    async def acquire(self, until: float) -> None:
-        """Wait for a slot, or raise rate_limited when it would come after `until`."""
-        while (wait := self.delay(time.monotonic())) > 0:
-            if time.monotonic() + wait > until:
-                if time.monotonic() < self.penalty_until:
-                    raise TransientError(
-                        f"Reddit rate-limited {self.who} (429) and asked to wait; "
-                        f"{math.ceil(wait)}s to go. If it recurs, poll less often (`every`) "
-                        "or watch fewer subreddits with this client id",
-                        retry_after=wait,
-                        kind="rate_limited",
-                    )
-                raise TransientError(
-                    f"Reddit's request budget for {self.who} is used up "
-                    f"({self.used:.0f} requests in this window); it resets in {math.ceil(wait)}s. "
-                    "Poll less often (`every`) or watch fewer subreddits with this client id",
-                    retry_after=wait,
-                    kind="rate_limited",
-                )
-            await asyncio.sleep(wait)
-        self.last_sent = time.monotonic()
-        self.in_flight += 1
-        self.sent += 1
-
-    def settle(self, headers: Any) -> None:
-        """A request is over: note what Reddit said about the budget."""
-        self.in_flight = max(0, self.in_flight - 1)
-        remaining = _header_float(headers, "x-ratelimit-remaining") if headers else None
-        reset = _header_float(headers, "x-ratelimit-reset") if headers else None
-        if remaining is None or reset is None:
-            return
-        now = time.monotonic()
-        reset_at = now + reset
-        used = _header_float(headers, "x-ratelimit-used") or 0.0
-        # Answers to concurrent requests arrive in any order: within one window
-        # keep the lowest count; a later reset time means a new window.
-        if self.remaining is None or now >= self.reset_at or reset_at > self.reset_at + 1.5:
-            self.remaining, self.used = remaining, used
-        else:
-            self.remaining, self.used = min(self.remaining, remaining), max(self.used, used)
-        self.reset_at = reset_at
-
-    def penalize(self, seconds: float) -> None:
-        self.penalty_until = max(self.penalty_until, time.monotonic() + seconds)
-
-
-@dataclass
-class RedditToken:
-    """An app-only access token, shared by the sources with the same credentials."""
-
-    value: str = ""
-    expires_at: float = 0.0  # time.monotonic()
-    fetched: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@source("reddit")
-class RedditSource(Source):
-    """New posts and comments of a subreddit, and a search sorted by new, through
-    app-only OAuth (client_id/client_secret) or else the public JSON endpoints."""
-
-    @dataclass(frozen=True)
-    class Options:
-        subreddit: str = ""
-        comments: bool = False
-        query: str = ""
-        client_id: str = ""
-        client_secret: str = ""
-        user_agent: str = REDDIT_USER_AGENT
-        base_url: str = "https://www.reddit.com"
-        oauth_base_url: str = "https://oauth.reddit.com"
-
-        def __post_init__(self):
-            subreddit = re.sub(r"^/?r/", "", self.subreddit.strip()).strip("/")
-            object.__setattr__(self, "subreddit", subreddit)
-            if subreddit and not _SUBREDDIT.match(subreddit):
-                raise ValueError(
-                    f"subreddit must be a name such as 'selfhosted' (or 'a+b'), got {subreddit!r}"
-                )
-            if not subreddit and not self.query:
-                raise ValueError("a reddit source needs a subreddit, a query, or both")
-            if self.comments and not subreddit:
-                raise ValueError("comments = true needs a subreddit")
-            if bool(self.client_id) != bool(self.client_secret):
-                raise ValueError(
-                    "client_id and client_secret go together: both from the 'script' app "
-                    f"at {REDDIT_APPS}, or neither"
-                )
-            if not _REDDIT_UA.match(self.user_agent):
-                raise ValueError(
-                    "user_agent must have Reddit's form '<platform>:<app id>:<version> "
-                    f"(by /u/<username>)', got {self.user_agent!r}"
-                )
-            for key in ("base_url", "oauth_base_url"):
-                url = getattr(self, key).rstrip("/")
-                if not re.match(r"^https?://[^/]+", url):
-                    raise ValueError(f"{key} must start with http:// or https://, got {url!r}")
-                object.__setattr__(self, key, url)
-
-    @property
-    def oauth(self) -> bool:
-        return bool(self.options.client_id)
-
-    def listings(self) -> list[tuple[str, str, dict]]:
-        """(state key, path, parameters) of each listing one poll reads. A query
-        replaces the new-posts listing: restricted to the subreddit, it is that
-        listing filtered by Reddit's search. Reddit's search finds posts only."""
-        o = self.options
-        sub = f"/r/{o.subreddit}" if o.subreddit else ""
-        found = []
-        if o.query:
-            params = {"q": o.query, "sort": "new", "t": "all", "type": "link"}
-            if sub:
-                params["restrict_sr"] = "1"
-            found.append(("search", f"{sub}/search", params))
-        else:
-            found.append(("posts", f"{sub}/new", {}))
-        if o.comments:
-            found.append(("comments", f"{sub}/comments", {}))
-        return found
-
-    def describe(self) -> str:
-        o = self.options
-        watched = []
-        if o.query:
-            where = f"in r/{o.subreddit}" if o.subreddit else "site-wide"
-            watched.append(f"search {o.query!r} {where}")
-        else:
-            watched.append(f"r/{o.subreddit} new posts")
-        if o.comments:
-            watched.append(f"r/{o.subreddit} new comments")
-        access = f"OAuth as client id {o.client_id}" if self.oauth else "public JSON, no OAuth"
-        return f"{' + '.join(watched)} ({access})"
-
-    @staticmethod
-    def describe_state(state: dict) -> str:
-        parts = []
-        if mode := {"oauth": "OAuth", "public": "public JSON"}.get(state.get("mode", "")):
-            parts.append(mode)
-        for key, word in (("posts", "post"), ("search", "search hit"), ("comments", "comment")):
-            newest = (state.get(key) or {}).get("newest")
-            if newest:
-                parts.append(f"newest {word} {_age(time.time() - newest)} ago")
-            elif key in state:
-                parts.append(f"no {word} yet")
-        if "requests" in state:
-            parts.append(f"{state['requests']} request(s) last poll")
-        return "; ".join(parts)
-
-    # --- polling -------------------------------------------------------------
-
-    async def poll(self) -> list[Item]:
-        # Requests may start for 3 x fetch_timeout (waits for the rate budget
-        # included) and each gets fetch_timeout: the poll ends inside the
-        # scheduler's own limit (fetch_timeout * 4 + 10 s).
-        until = time.monotonic() + self.settings.fetch_timeout * 3
-        self.requests = 0
-        if self.state.get("mode") != ("oauth" if self.oauth else "public"):
-            self.log.info("%s: reading Reddit %s", self.name, self.describe())
-        items: list[Item] = []
-        for key, path, params in self.listings():
-            items += await self._read(key, path, params, until)
-        self.state["mode"] = "oauth" if self.oauth else "public"
-        self.state["requests"] = self.requests
-        return items
-
-    async def _read(self, key: str, path: str, params: dict, until: float) -> list[Item]:
-        """Everything newer than what the last poll saw: pages back (`after`) until
-        a page reaches it, at most REDDIT_MAX_PAGES. The first poll reads one page
-        (the baseline). Comparing creation times rather than ids keeps working when
-        the newest item seen is deleted."""
-        newest_seen = (self.state.get(key) or {}).get("newest")
-        items: list[Item] = []
-        after = None
-        for _ in range(REDDIT_MAX_PAGES):
-            query = {**params, "limit": REDDIT_PAGE, "raw_json": 1}
-            if after:
-                query.update(after=after, count=len(items))
-            found, after = reddit_items(await self._get(path, query, until))
-            items += found
-            if newest_seen is None or not after or not found:
-                break
-            if any(i.published_at is None or i.published_at <= newest_seen for i in found):
-                break
-        else:
-            self.log.warning(
-                "%s: more than %d new items in %s since the last poll; older ones were skipped",
-                self.name, len(items), path,
-            )  # fmt: skip
-        stamps = [i.published_at for i in items if i.published_at is not None]
-        self.state[key] = {"newest": max([*stamps, newest_seen or 0.0]) or None}
-        return items
-
-    @property
-    def budget(self) -> RedditBudget:
-        budgets = self.shared.setdefault("reddit_budgets", {})
-        key = self.options.client_id  # "" without OAuth: Reddit then counts per address
-        if key not in budgets:
-            budgets[key] = RedditBudget(f"client id {key}" if key else "this server (no client_id)")
-        return budgets[key]
-
-    @property
-    def token(self) -> RedditToken:
-        o = self.options
-        key = (o.base_url, o.client_id, hashlib.sha256(o.client_secret.encode()).hexdigest())
-        return self.shared.setdefault("reddit_tokens", {}).setdefault(key, RedditToken())
-
-    def _deadline(self, until: float) -> float:
-        """A fetch may start until `until`, and gets fetch_timeout at most."""
-        now = time.monotonic()
-        if now > until:
-            raise TransientError(
-                "Reddit answered too slowly to finish this poll in time; "
-                "agentwatch retries (check this server's network if it persists)",
-                kind="unreachable",
-            )
-        return min(self.settings.fetch_timeout, until + self.settings.fetch_timeout - now)
-
-    async def _get(self, path: str, params: dict, until: float) -> Any:
-        """One listing through the access ladder: parsed JSON, or a StageError
-        that says what went wrong and what to do. A 401 gets one fresh token."""
-        o = self.options
-        stale = None
-        for attempt in range(2):
-            headers = {"User-Agent": o.user_agent, "Accept": "application/json"}
-            if self.oauth:
-                stale = await self._token(until, stale)
-                headers["Authorization"] = f"bearer {stale}"
-                url = o.oauth_base_url + path
-            else:
-                url = o.base_url + path + ".json"
-            budget = self.budget
-            await budget.acquire(until)
-            fetched = None
-            try:
-                fetched = await self.fetch(
-                    url, params=params, headers=headers, deadline=self._deadline(until)
-                )
-            except StageError as e:
-                raise self._unreachable(e, url) from None
-            finally:
-                budget.settle(fetched.headers if fetched else None)
-            self.requests += 1
-            if fetched.status != 401 or not self.oauth:
-                return self._decode(fetched, path)
-            if attempt:
-                break
-            self.log.info("%s: Reddit refused the access token (401); getting a new one",
-                          self.name)  # fmt: skip
-        raise PermanentError(
-            "Reddit refused a freshly issued access token (401): the app may have been "
-            f"deleted or suspended; check it at {REDDIT_APPS}",
-            kind="auth_failed",
-        )
-
-    async def _token(self, until: float, stale: str | None) -> str:
-        """The cached app-only token; a new one when it expired or was refused
-        (once for all sources sharing it: whoever holds the lock refreshes)."""
-        o, token = self.options, self.token
-        async with token.lock:
-            if token.value and token.value != stale and time.monotonic() < token.expires_at:
-                return token.value
-            url = o.base_url + "/api/v1/access_token"
-            try:
-                fetched = await self.fetch(
-                    url, method="POST", auth=(o.client_id, o.client_secret),
-                    data={"grant_type": "client_credentials"},
-                    headers={"User-Agent": o.user_agent, "Accept": "application/json"},
-                    deadline=self._deadline(until),
-                )  # fmt: skip
-            except StageError as e:
-                raise self._unreachable(e, url) from None
-            self.requests += 1
-            if fetched.status in (400, 401):
-                raise PermanentError(
-                    f"Reddit refused client_id/client_secret ({fetched.status}): copy both "
-                    f"again from {REDDIT_APPS} (the client id is the string under the app's "
-                    "name; the app must be a 'script' app)",
-                    kind="auth_failed",
-                )
-            answer = self._decode(fetched, "/api/v1/access_token")
-            if not isinstance(answer, dict) or answer.get("error"):
-                error = answer.get("error") if isinstance(answer, dict) else answer
-                raise PermanentError(
-                    f"Reddit refused an app-only token ({error}): the app at {REDDIT_APPS} "
-                    "must be a 'script' (or 'web') app, not an 'installed app'",
-                    kind="auth_failed",
-                )
-            value = answer.get("access_token")
-            if not isinstance(value, str) or not value:
-                raise TransientError(
-                    "Reddit's token answer carries no access_token; agentwatch retries",
-                    kind="bad_response",
-                )
-            lifetime = answer.get("expires_in")
-            lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
-            token.value = value
-            token.expires_at = time.monotonic() + max(1.0, lifetime - min(60.0, lifetime / 10))
-            token.fetched += 1
-            return value
-
-    def _unreachable(self, error: StageError, url: str) -> StageError:
-        if error.kind in ("too_large", "redirects"):
-            return TransientError(f"Reddit's answer was unusable: {error}", kind="bad_response")
-        return TransientError(
-            f"cannot reach Reddit ({_host(url)}): {error}. Check this server's network, "
-            "DNS and firewall; agentwatch keeps retrying",
-            kind="unreachable",
-        )
-
-    def _blocked(self, detail: str) -> PermanentError:
-        if not self.oauth:
-            return PermanentError(
-                f"Reddit blocks unauthenticated requests from this server ({detail}): "
-                f"create a 'script' app at {REDDIT_APPS} and set client_id and client_secret "
-                "on this source",
-                kind="blocked",
-            )
-        return PermanentError(
-            f"Reddit blocked this server's requests although they carry an OAuth token "
-            f"({detail}): make user_agent unique ('<platform>:<app id>:<version> "
-            "(by /u/<your username>)'); if it persists, Reddit blocks this server's "
-            "network and agentwatch must run elsewhere",
-            kind="blocked",
-        )
-
-    def _decode(self, fetched: Fetched, path: str) -> Any:
-        """The JSON of a 200 answer, or the access ladder's error for anything else."""
-        status, body = fetched.status, fetched.body
-        html = "html" in fetched.headers.get("content-type", "").lower() or (
-            body.lstrip()[:1] == b"<"
-        )
-        try:
-            data = None if html else json.loads(body)
-        except ValueError:
-            data = None
-        reason = data.get("reason") if isinstance(data, dict) else None
-        sub = f"r/{self.options.subreddit}"
-        if status == 429:
-            retry_after = parse_retry_after(fetched.headers.get("retry-after"))
-            if retry_after is None:
-                retry_after = _header_float(fetched.headers, "x-ratelimit-reset")
-            retry_after = REDDIT_PENALTY if retry_after is None else retry_after
-            self.budget.penalize(retry_after)
-            raise TransientError(
-                f"Reddit rate-limited {self.budget.who} (429) and asked to wait "
-                f"{retry_after:.0f}s. If it recurs, poll less often (`every`) or watch "
-                "fewer subreddits with this client id",
-                retry_after=retry_after,
-                kind="rate_limited",
-            )
-        if status == 401:  # with OAuth, _get and _token deal with it first
-            raise self._blocked("401, it asks for authentication")
-        if status == 403 and reason:
-            raise PermanentError(
-                f"Reddit refuses to show {sub}: it is {reason} (403). A private, quarantined "
-                "or banned subreddit cannot be watched with an app-only token",
-                kind="blocked",
-            )
-        if status == 403:
-            raise self._blocked("403" + (", an HTML page" if html else ""))
-        if status == 404 or "/subreddits/search" in fetched.url:
-            if reason == "banned":
-                raise PermanentError(f"{sub} is banned on Reddit (404)", kind="blocked")
-            raise PermanentError(
-                f"Reddit has no {sub} (404 for {path}): check `subreddit`", kind="bad_response"
-            )
-        if status >= 500:
-            raise TransientError(
-                f"Reddit answered {status} (server error): Reddit is having trouble; "
-                "agentwatch retries with backoff",
-                kind="server_error",
-            )
-        if status != 200:
-            raise TransientError(
-                f"Reddit answered {status} to {path}: unexpected; agentwatch retries",
-                kind="bad_response",
-            )
-        if html:
-            raise self._blocked("200 with an HTML page where JSON was expected")
-        if data is None:
-            preview = body[:60].decode("utf-8", "replace")
-            raise TransientError(
-                f"Reddit's answer to {path} is not valid JSON ({len(body)} bytes: {preview!r}): "
-                "usually a passing glitch; agentwatch retries",
-                kind="bad_response",
-            )
-        return data
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-# ###########################################################################
-# ### Built-in sources: url
-# ###########################################################################
-#
-# A url source reports state changes, never one item per poll. Its memory is
-# `self.state`, stored with each poll's items in one transaction:
-#
-#   state      "up" | "down" (absent until the first verdict)
-#   since      when the current state began (for down: the first failed check)
-#   failures   consecutive failed checks; "down" comes at fail_after
-#   reason     why the last check failed
-#   content    {basis, hash, text} of the last good page (watch_content)
-#   cert       {checked_at, not_after, error, warned} (https, at most daily)
-#
-# A failed check is a successful poll: the source is healthy, the URL is not.
-
-CERT_EVERY = 86400.0  # seconds between certificate reads
-CERT_RETRY = 3600.0  # after a read that failed
-CONTENT_KEEP = 20_000  # characters of page text kept in state for the next diff
-DIFF_LINES = 40  # changed lines shown in a changed item
-
-_BLOCK_TAG = re.compile(
-    r"(?i)</?(?:address|article|aside|blockquote|br|button|dd|details|div|dl|dt|fieldset|"
-    r"figcaption|figure|footer|form|h[1-6]|header|hr|label|li|main|nav|ol|option|p|pre|"
-    r"section|summary|table|td|th|title|tr|ul)\b[^>]*>"
-)
-
-
-def visible_text(page: str, is_html: bool = True) -> str:
-    """The page as a reader sees it, one block per line: scripts, styles, tags,
-    comments and runs of whitespace gone. Pure."""
-    import html
-
-    text = page
-    if is_html:  # in HTML a line break is a space; blocks make the lines
-        text = re.sub(r"(?is)<(script|style|noscript|template)\b.*?</\1\s*>", " ", text)
-        text = re.sub(r"(?s)<!--.*?-->", " ", text)
-        text = _BLOCK_TAG.sub("\n", re.sub(r"\s+", " ", text))
-        text = html.unescape(re.sub(r"<[^>]*>", " ", text))
-    return "\n".join(line for line in (" ".join(raw.split()) for raw in text.splitlines()) if line)
-
-
-def mask(text: str, patterns: Iterable[str]) -> str:
-    """Blank out what changes on every load (dates, counters, nonces)."""
-    for pattern in patterns:
-        text = re.sub(pattern, "…", text)
-    return text
-
-
-def text_diff(old: str, new: str) -> tuple[str, int, int]:
-    """A short unified diff without headers or context: (text, added, removed)."""
-    import difflib
-
-    changed = [
-        line
-        for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0)
-        if line[:1] in "+-" and not line.startswith(("+++", "---"))
-    ]
-    added = sum(line.startswith("+") for line in changed)
-    shown = [f"{line[0]} {line[1:][:300]}" for line in changed[:DIFF_LINES]]
-    if len(changed) > DIFF_LINES:
-        shown.append(f"… and {len(changed) - DIFF_LINES} more changed line(s)")
-    return "\n".join(shown), added, len(changed) - added
-
-
-def certificate_not_after(der: bytes) -> float:
-    """notAfter of a DER X.509 certificate, in epoch seconds. The ssl module only
-    decodes certificates it has verified, but the expiry of a self-signed or
-    otherwise unverifiable one is worth knowing too."""
-
-    def header(i: int) -> tuple[int, int, int]:  # tag, start and end of the content
-        tag, length, i = der[i], der[i + 1], i + 2
-        if length & 0x80:
-            n = length & 0x7F
-            length, i = int.from_bytes(der[i : i + n], "big"), i + n
-        return tag, i, i + length
-
-    try:
-        _, i, _ = header(0)  # Certificate
-        _, i, _ = header(i)  # TBSCertificate: fields follow
-        tag, _, end = header(i)
-        if tag == 0xA0:  # explicit version
-            i = end
-        for _ in range(3):  # serialNumber, signature, issuer
-            i = header(i)[2]
-        _, i, _ = header(i)  # validity
-        i = header(i)[2]  # notBefore
-        tag, start, end = header(i)
-        value = der[start:end].decode("ascii")
-        if tag == 0x17:  # UTCTime: two-digit years, 50-99 meaning 19xx (RFC 5280)
-            value = ("19" if int(value[:2]) >= 50 else "20") + value
-        elif tag != 0x18:  # nor GeneralizedTime
-            raise ValueError(f"unexpected tag {tag:#x}")
-        when = dt.datetime.strptime(value, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.UTC)
-    except (IndexError, ValueError) as e:
-        raise ValueError(f"cannot read the certificate's expiry: {e}") from None
-    return when.timestamp()
-
-
-async def read_certificate(host: str, port: int, timeout: float) -> float:
-    """The expiry of the certificate host:port presents, verified or not: whether
-    it verifies is the page check's business (httpx2 verifies every request)."""
-    import ssl
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store to load: ~15 ms saved
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    async with asyncio.timeout(timeout):
-        _, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=host, ssl_handshake_timeout=timeout
-        )
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(1):
-                await writer.wait_closed()
-    if not der:
-        raise ValueError("the server sent no certificate")
-    return certificate_not_after(der)
-
-
-def human_duration(seconds: float) -> str:
-    """Seconds as "45s", "4m 12s", "2h 5m", "3d 4h"."""
-    s = max(0, round(seconds))
-    units = ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s"))
-    for size, unit, sub_size, sub_unit in units:
-        if s >= size:
-            rest = (s % size) // sub_size
-            return f"{s // size}{unit}" + (f" {rest}{sub_unit}" if rest else "")
-    return f"{s}s"
-
-
-def _texts(value: str | list[str]) -> list[str]:
-    return [v for v in ([value] if isinstance(value, str) else value) if v]
-
-
-@dataclass
-class URLCheck:
-    """The outcome of one request to the URL."""
-
-    ok: bool
-    reason: str = ""  # why it failed: "status 503 (expected 200)", "timeout: ..."
-    status: int | None = None
-    latency: float | None = None
-    text: str = ""  # visible text, when something needs it
-    final_url: str = ""
-
-
-@source("url")
-class URLSource(Source):
-    """Uptime, content and certificate checks of one URL; items are its state changes."""
-
-    baseline: ClassVar[bool] = False  # it decides itself what is new
-
-    @dataclass(frozen=True)
-    class Options:
-        url: str
-        expect_status: int = 200
-        contains: str | list[str] = ""  # all must appear (page source or visible text)
-        not_contains: str | list[str] = ""  # none may appear
-        timeout: Duration = Duration(10)
-        max_latency: Duration = Duration(0)  # 0: no limit
-        cert_days: int = 14  # 0: no certificate check
-        fail_after: int = 2
-        watch_content: bool = False
-        ignore: list[str] = field(default_factory=list)
-        method: Literal["GET", "HEAD"] = "GET"
-        headers: dict[str, str] = field(default_factory=dict)
-
-        def __post_init__(self):
-            if not re.match(r"^https?://[^/?#\s]+", self.url):
-                raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
-            if not 100 <= self.expect_status <= 599:
-                raise ValueError(f"expect_status must be an HTTP status, got {self.expect_status}")
-            if self.fail_after < 1:
-                raise ValueError("fail_after must be at least 1")
-            if self.cert_days < 0:
-                raise ValueError("cert_days must not be negative")
-            if self.timeout <= 0:
-                raise ValueError("timeout must be more than 0s")
-            if self.method == "HEAD" and (
-                _texts(self.contains) or _texts(self.not_contains) or self.watch_content
-            ):
-                raise ValueError("method HEAD gets no page: contains, not_contains and "
-                                 "watch_content need GET")  # fmt: skip
-            for i, pattern in enumerate(self.ignore):
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ValueError(f"ignore[{i}]: bad regex {pattern!r}: {e}") from None
-
-    def describe(self) -> str:
-        o = self.options
-        parts = [f"{o.method} {o.url} expects {o.expect_status}"]
-        parts += [f"contains {t!r}" for t in _texts(o.contains)]
-        parts += [f"not {t!r}" for t in _texts(o.not_contains)]
-        if o.max_latency:
-            parts.append(f"within {o.max_latency:g}s")
-        if o.watch_content:
-            parts.append("content watched")
-        if o.cert_days and o.url.startswith("https:"):
-            parts.append(f"cert ≥ {o.cert_days}d")
-        return ", ".join(parts)
-
-    @staticmethod
-    def describe_state(state: dict) -> str:
-        latency = state.get("last_latency")
-        last = f"last latency {latency:.2f}s" if latency is not None else "last check: no answer"
-        if not state.get("state"):
-            if state.get("failures"):
-                return f"failing ({state['failures']} check(s)): {state.get('reason', '')}; {last}"
-            return ""
-        phrase = f"{state['state']} since {iso(state.get('since'))}"
-        if state["state"] == "down":
-            phrase += f" ({state.get('reason', '')})"
-        elif state.get("failures"):
-            phrase += f", {state['failures']} failed check(s): {state.get('reason', '')}"
-        return f"{phrase}; {last}"
-
-    def stages(self, item: Item) -> tuple[str, ...]:
-        # Down, recovered and certificate items are facts: the LLM adds nothing.
-        return ("summarize", "notify") if item.kind == "changed" else ("notify",)
-
-    @property
-    def label(self) -> str:
-        """The URL without its scheme, short enough for a title."""
-        shown = re.sub(r"^https?://", "", self.options.url).rstrip("/")
-        return shown if len(shown) <= 80 else shown[:79] + "…"
-
-    async def poll(self) -> list[Item]:
-        o, now = self.options, time.time()
-        if self.state.get("url") != o.url:  # a new source, or its URL changed: start afresh
-            self.state.clear()
-            self.state["url"] = o.url
-        check = await self.check()
-        items = self.transition(check, now)
-        if o.watch_content and check.ok:
-            items += self.content(check.text, now)
-        if o.cert_days:
-            items += await self.certificate(check, now)
-        return items
-
-    async def check(self) -> URLCheck:
-        o = self.options
-        try:
-            fetched = await self.fetch(
-                o.url, method=o.method, headers=o.headers, deadline=o.timeout,
-                follow_redirects=not 300 <= o.expect_status < 400,  # checking the redirect itself
-            )  # fmt: skip
-        except StageError as e:
-            return URLCheck(False, self._failure(e))
-        result = URLCheck(
-            True, status=fetched.status, latency=fetched.elapsed, final_url=fetched.url
-        )
-        if fetched.status != o.expect_status:
-            result.ok = False
-            result.reason = f"status {fetched.status} (expected {o.expect_status})"
-            return result
-        wanted, unwanted = _texts(o.contains), _texts(o.not_contains)
-        if wanted or unwanted or o.watch_content:
-            content_type = fetched.headers.get("content-type", "")
-            charset = re.search(r"charset=[\"']?([\w.:-]+)", content_type, re.I)
-            try:
-                page = fetched.body.decode(charset.group(1) if charset else "utf-8", "replace")
-            except LookupError:
-                page = fetched.body.decode("utf-8", "replace")
-            is_html = "html" in content_type or page.lstrip()[:1] == "<"
-            if len(page) < 200_000:
-                plain = visible_text(page, is_html)
-            else:  # tens of milliseconds of regexes: off the loop
-                plain = await asyncio.to_thread(visible_text, page, is_html)
-            # Texts are looked for in the source ("id=signup") and as seen ("Sign&nbsp;up").
-            for text in wanted:
-                if text not in page and text not in plain:
-                    result.ok, result.reason = False, f"missing text {text!r}"
-                    return result
-            for text in unwanted:
-                if text in page or text in plain:
-                    result.ok, result.reason = False, f"unwanted text {text!r} found"
-                    return result
-            result.text = mask(plain, o.ignore) if o.watch_content else ""
-        if o.max_latency and fetched.elapsed > o.max_latency:
-            result.ok = False
-            result.reason = (
-                f"slow: answered in {fetched.elapsed:.2f}s (max_latency {o.max_latency:g}s)"
-            )
-        return result
-
-    def _failure(self, error: StageError) -> str:
-        message = str(error)
-        verify = re.search(r"certificate verify failed: ([^(]+)", message, re.I)
-        if verify:
-            return f"certificate: {verify.group(1).strip()}"
-        if error.kind == "timeout":
-            return f"timeout: no complete answer within {self.options.timeout:g}s"
-        if "[SSL" in message:
-            return f"TLS: {message}"
-        return message
-
-    def transition(self, check: URLCheck, now: float) -> list[Item]:
-        """The up/down state machine: an item only when the state changes."""
-        s, o = self.state, self.options
-        s.update(last_check_at=now, last_latency=check.latency, last_status=check.status)
-        if not check.ok:
-            s["failures"] = s.get("failures", 0) + 1
-            s.setdefault("failing_since", now)
-            s["reason"] = check.reason
-            if s.get("state") == "down" or s["failures"] < o.fail_after:
-                self.log.info("check of %s failed (%d in a row): %s", o.url, s["failures"],
-                              check.reason)  # fmt: skip
-                return []
-            s.update(state="down", since=s["failing_since"])
-            self.log.warning("%s is down after %d failed check(s): %s", o.url, s["failures"],
-                             check.reason)  # fmt: skip
-            return [
-                self._item(
-                    "down", f"down:{int(s['since'])}", now,
-                    title=f"{self.label} is down: {check.reason}",
-                    body=f"Failing since {iso(s['since'])} ({s['failures']} checks in a row).",
-                    reason=check.reason, status=check.status,
-                )
-            ]  # fmt: skip
-        was, since, reason = s.get("state"), s.get("since", now), s.get("reason", "")
-        s.update(failures=0, reason="")
-        s.pop("failing_since", None)
-        if was == "up":
-            return []
-        s.update(state="up", since=now)
-        if was != "down":
-            return []  # the first verdict, and a good one: nothing to say
-        downtime = human_duration(now - since)
-        self.log.info("%s is back up after %s down", o.url, downtime)
-        return [
-            self._item(
-                "recovered", f"recovered:{int(since)}", now,
-                title=f"{self.label} is back up after {downtime} down (was: {reason})",
-                body=f"Down since {iso(since)}; now status {check.status} in "
-                f"{check.latency:.2f}s.",
-                downtime_s=round(now - since),
-            )
-        ]  # fmt: skip
-
-    def content(self, text: str, now: float) -> list[Item]:
-        """A changed item when the visible text differs from the last good page's."""
-        basis = hashlib.sha256(json.dumps(self.options.ignore).encode()).hexdigest()[:12]
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        previous = self.state.get("content")
-        self.state["content"] = {"basis": basis, "hash": digest, "text": text[:CONTENT_KEEP]}
-        # First look, or the masks changed (every hash would differ): a new baseline.
-        if not previous or previous.get("basis") != basis or previous["hash"] == digest:
-            return []
-        diff, added, removed = text_diff(previous["text"], text[:CONTENT_KEEP])
-        if not diff:
-            diff = f"(the change is past the first {CONTENT_KEEP} characters of text)"
-        counts = f"+{added} −{removed} line(s)" if added or removed else "text changed"
-        item_id = f"changed:{int(now)}:{digest[:12]}"
-        title = f"{self.label} changed ({counts})"
-        return [self._item("changed", item_id, now, title, diff, added=added, removed=removed)]
-
-    async def certificate(self, check: URLCheck, now: float) -> list[Item]:
-        """At most daily for https: one warning per certificate that expires within cert_days."""
-        import urllib.parse
-
-        o = self.options
-        target = next((u for u in (o.url, check.final_url) if u.startswith("https:")), None)
-        cert = self.state.setdefault("cert", {})
-        wait = CERT_RETRY if cert.get("error") else CERT_EVERY
-        if target is None or now < cert.get("checked_at", 0) + wait:
-            return []
-        parts = urllib.parse.urlsplit(target)
-        host, port = parts.hostname or "", parts.port or 443
-        cert["checked_at"] = now
-        try:
-            not_after = await read_certificate(host, port, o.timeout)
-        except (OSError, TimeoutError, ValueError) as e:
-            cert["error"] = f"{type(e).__name__}: {e}"[:300]
-            self.log.info("cannot read the certificate of %s:%d: %s", host, port, cert["error"])
-            return []
-        cert.update(not_after=not_after, error="")
-        left = not_after - now
-        if left >= o.cert_days * 86400 or cert.get("warned") == not_after:
-            return []
-        cert["warned"] = not_after
-        date = iso(not_after)[:10]
-        when = f"expires in {human_duration(left)}" if left > 0 else "has expired"
-        body = (
-            f"The TLS certificate of {host}:{port} {when}: it is valid until {iso(not_after)} "
-            f"(cert_days = {o.cert_days})."
-        )
-        if check.reason.startswith("certificate"):
-            body += f" It also fails verification: {check.reason.removeprefix('certificate: ')}."
-        title = f"{self.label}: certificate {when} ({date})"
-        return [self._item("cert", f"cert:{date}", now, title, body, not_after=iso(not_after))]
-
-    def _item(
-        self, kind: str, item_id: str, now: float, title: str, body: str, **extra: Any
-    ) -> Item:
-        extra = {k: v for k, v in extra.items() if v is not None}
-        return Item(item_id, title, self.options.url, "", now, body, kind, extra)
 
 
 # ###########################################################################
@@ -2126,10 +1657,6 @@ what the author said, at most 120 words, no greeting line, no sign-off, no links
 you were not given. Voice: {voice}
 The classification was: {classification}
 Answer with the reply text only."""
-
-SUMMARIZE_PROMPT = """\
-The item is a change on a web page the maker watches. In one short paragraph,
-say what changed and why it may matter to the maker. Answer with the paragraph only."""
 
 # USD per million tokens, by model family; [llm] prices overrides per model.
 DEFAULT_PRICES = {
@@ -2286,8 +1813,7 @@ class LLM:
                 raise TransientError(
                     f"LLM call failed: {type(e).__name__}: {e}", kind="bad_output"
                 ) from None
-        usage = self._usage(message)
-        self.store.record_usage(row, stage, usage)
+        usage = self._usage(message)  # stored by the pipeline, with the stage's result
         if self._spent_today is not None:
             self._spent_today = (self._spent_today[0], self._spent_today[1] + usage.cost_usd)
         self.metrics["llm_calls", stage] += 1
@@ -2328,10 +1854,14 @@ class LLM:
             tool_choice={"type": "tool", "name": "classify"},
             messages=[{"role": "user", "content": f"Classify this item.\n\n{item_as_data(row)}"}],
         )  # fmt: skip
-        for block in getattr(message, "content", None) or []:
-            if getattr(block, "type", "") == "tool_use" and block.name == "classify":
-                return validate_classification(block.input), usage
-        raise TransientError("LLM answered without the classify tool", kind="bad_output")
+        try:
+            for block in getattr(message, "content", None) or []:
+                if getattr(block, "type", "") == "tool_use" and block.name == "classify":
+                    return validate_classification(block.input), usage
+            raise TransientError("LLM answered without the classify tool", kind="bad_output")
+        except StageError as e:
+            e.usage = usage  # paid for all the same: the budget must see it
+            raise
 
     async def _text(
         self, row: Any, stage: str, model: str, instructions: str
@@ -2348,7 +1878,9 @@ class LLM:
             if getattr(b, "type", "") == "text"
         ).strip()  # fmt: skip
         if not text:
-            raise TransientError(f"LLM returned no text for {stage}", kind="bad_output")
+            error = TransientError(f"LLM returned no text for {stage}", kind="bad_output")
+            error.usage = usage  # paid for all the same: the budget must see it
+            raise error
         return text, usage
 
     async def draft(self, row: Any, classification: dict) -> tuple[str, LLMUsage]:
@@ -2358,8 +1890,9 @@ class LLM:
         )
         return await self._text(row, "draft", self.settings.draft_model, instructions)
 
-    async def summarize(self, row: Any) -> tuple[str, LLMUsage]:
-        return await self._text(row, "summarize", self.settings.model, SUMMARIZE_PROMPT)
+    async def source_stage(self, row: Any, stage: str, spec: LLMStage) -> tuple[str, LLMUsage]:
+        """A source's own LLM stage (a URL change's summary), with its own prompt."""
+        return await self._text(row, stage, getattr(self.settings, spec.model), spec.prompt)
 
 
 def _api_error_message(error: Any) -> str:
@@ -2399,12 +1932,23 @@ def cut(text: str, limit: int) -> str:
     return escape(raw) + "…"
 
 
+URL_LIMIT = 1500  # characters of an escaped URL we link; a longer one is named, not linked
+
+
+def mrkdwn(text: str) -> dict:
+    """A mrkdwn text object. verbatim: Slack must not turn names, channels or bare
+    URLs in outside text into mentions and links; the only links are ours."""
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
+
+
 def slack_link(url: str, title: str, limit: int = 300) -> str:
     text = cut(title or "(no title)", limit)
     if not re.match(r"^https?://[^\s]+$", url or ""):
         return text + (f" ({cut(url, 200)})" if url else "")
     # In a link's URL part, escape the control characters and the text separator.
     safe_url = escape(url).replace("|", "%7C")
+    if len(safe_url) > URL_LIMIT:  # a link cannot be cut: it would end inside the <...>
+        return f"{text} (link too long to show)"
     return f"<{safe_url}|{text.replace('|', '¦')}>"
 
 
@@ -2446,8 +1990,8 @@ def item_text(row: Any, limit: int) -> str:
         room = limit - len(text) - len("\n*Draft reply:*\n")
         if room > 40:
             text += f"\n*Draft reply:*\n{cut(row['draft'], room)}"
-    if len(text) > limit:  # a long head: keep the link whole, shorten the rest
-        text = f"{head}\n{meta}"[:limit]
+    if len(text) > limit:  # only with a tiny limit: never slice, markup would be cut open
+        text = cut(row["title"] or "(no title)", limit)
     return text
 
 
@@ -2461,17 +2005,15 @@ def render_message(rows: list[Any]) -> dict:
             fallback += f" {row['url']}"
         if row["draft"]:
             fallback += f"\nDraft reply: {row['draft']}"
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": body}}]
+        blocks = [{"type": "section", "text": mrkdwn(body)}]
     else:
         sources = sorted({r["source"] for r in rows})
         intro = f"{len(rows)} new items from {', '.join(sources)}"
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": cut(intro, 300)}}]
+        blocks = [{"type": "section", "text": mrkdwn(cut(intro, 300))}]
         per_item = min(SECTION_LIMIT, 2800)
         for row in rows:
             blocks.append({"type": "divider"})
-            blocks.append(
-                {"type": "section", "text": {"type": "mrkdwn", "text": item_text(row, per_item)}}
-            )
+            blocks.append({"type": "section", "text": mrkdwn(item_text(row, per_item))})
         fallback = intro + "".join(f"\n• {r['title'] or '(no title)'} {r['url']}" for r in rows)
     return {
         "text": cut(fallback, TEXT_LIMIT),
@@ -2610,7 +2152,7 @@ class Slack:
 # the item's next stage are written in one transaction before the next stage
 # starts, so a killed process resumes every item where it stopped.
 
-LLM_STAGES = frozenset({"classify", "draft", "summarize"})
+LLM_STAGES = frozenset({"classify", "draft"})  # plus each source type's llm_stages
 MAX_ITEMS_IN_FLIGHT = 200
 
 
@@ -2688,6 +2230,24 @@ def backoff(attempts: int, base: float, cap: float, retry_after: float | None = 
     return max(delay, retry_after or 0.0)
 
 
+@dataclass
+class UnsavedOutcome:
+    """A stage's outcome the database refused (full disk, locked) after its side
+    effect happened (a Slack post, a paid LLM call). It is kept here and written
+    again with backoff, so the stage is not run again while the process lives."""
+
+    row: Any
+    fields: dict
+    usage: LLMUsage | None
+    stage: str
+    retry_at: float  # time.monotonic()
+    tries: int = 0
+
+
+STORE_RETRY_BASE = 1.0  # seconds before writing a refused outcome again; doubles
+STORE_RETRY_MAX = 60.0
+
+
 class Pipeline:
     """Runs items' stages. `process` is safe to call for any pending item id."""
 
@@ -2695,17 +2255,39 @@ class Pipeline:
         self.rt = runtime
         self.busy: dict[int, asyncio.Task] = {}
         self.parked: set[int] = set()  # dry-run: shown once, left unnotified
+        self.unsaved: dict[int, UnsavedOutcome] = {}
 
     def dispatch_due(self) -> int:
         room = MAX_ITEMS_IN_FLIGHT - len(self.busy)
         if room <= 0:
             return 0
-        rows = self.rt.store.due_items(time.time(), room, [*self.busy, *self.parked])
+        now = time.monotonic()
+        started = 0
+        for row_id, outcome in list(self.unsaved.items()):
+            if row_id not in self.busy and outcome.retry_at <= now:
+                self._start(row_id, self.save_again(outcome))
+                started += 1
+        try:
+            rows = self.rt.store.due_items(
+                time.time(), room, [*self.busy, *self.parked, *self.unsaved]
+            )
+        except sqlite3.Error as e:
+            self.rt.store_failed("reading due items", e)
+            return started
         for row in rows:
-            task = asyncio.create_task(self.process(row["id"]), name=f"item-{row['id']}")
-            self.busy[row["id"]] = task
-            task.add_done_callback(lambda _, i=row["id"]: self.busy.pop(i, None))
-        return len(rows)
+            self._start(row["id"], self.process(row["id"]))
+        return started + len(rows)
+
+    def _start(self, row_id: int, work: Any) -> None:
+        task = asyncio.create_task(work, name=f"item-{row_id}")
+        self.busy[row_id] = task
+        task.add_done_callback(lambda t, i=row_id: self._finished(i, t))
+
+    def _finished(self, row_id: int, task: asyncio.Task) -> None:
+        self.busy.pop(row_id, None)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("bug: item %d's task ended with %s: %s", row_id, type(error).__name__,
+                      error, exc_info=error)  # fmt: skip
 
     async def drain(self) -> None:
         """For --once: run until nothing is due now and nothing is in flight."""
@@ -2734,11 +2316,19 @@ class Pipeline:
 
     async def process(self, row_id: int) -> None:
         while True:
-            row = self.rt.store.item(row_id)
+            try:
+                row = self.rt.store.item(row_id)
+            except sqlite3.Error as e:
+                self.rt.store_failed(f"reading item {row_id}", e)
+                return
             if row is None or row["status"] != "pending":
                 return
             if not await self.run_stage(row):
                 return
+
+    def source_stage(self, row: Any, stage: str) -> LLMStage | None:
+        src = self.rt.sources.get(row["source"])
+        return (type(src).llm_stages if src else {}).get(stage)
 
     async def run_stage(self, row: Any) -> bool:
         """Run one stage; True when the item should go straight on to the next."""
@@ -2747,8 +2337,9 @@ class Pipeline:
         config = self.config_for(row["source"])
         fields: dict[str, Any] = {}
         usage = None
+        own = self.source_stage(row, stage)
         try:
-            if stage in LLM_STAGES and self.rt.llm is None:
+            if (stage in LLM_STAGES or own) and self.rt.llm is None:
                 outcome = "skipped (no LLM)"
             elif stage == "classify":
                 classification, usage = await self.rt.llm.classify(row)
@@ -2757,8 +2348,8 @@ class Pipeline:
             elif stage == "draft":
                 fields["draft"], usage = await self.rt.llm.draft(row, classification)
                 outcome = "ok"
-            elif stage == "summarize":
-                fields["summary"], usage = await self.rt.llm.summarize(row)
+            elif own is not None:
+                fields["summary"], usage = await self.rt.llm.source_stage(row, stage, own)
                 outcome = "ok"
             elif stage == "notify":
                 await self.rt.slack.deliver(row, config.slack_webhook_url, dry_run=self.rt.dry_run)
@@ -2771,9 +2362,8 @@ class Pipeline:
             else:
                 raise PermanentError(f"unknown stage {stage!r}")
         except BudgetExhausted as e:
-            self.rt.store.update_item(
-                row["id"], next_attempt_at=utc_midnight() + 86400, last_error=str(e)
-            )
+            self.save(row, stage, {"next_attempt_at": utc_midnight() + 86400,
+                                   "last_error": str(e)})  # fmt: skip
             self._log(row, stage, "waiting: daily LLM budget spent", started)
             return False
         except StageError as e:
@@ -2787,41 +2377,65 @@ class Pipeline:
             return False
         fields.update(self.following(row, stage, classification))
         fields.update(attempts=0, last_error="", next_attempt_at=time.time())
-        self.rt.store.update_item(row["id"], **fields)
+        if not self.save(row, stage, fields, usage):
+            self._log(row, stage, f"{outcome}, but not stored yet (database failing)", started,
+                      usage, level=logging.ERROR)  # fmt: skip
+            return False
         self.rt.metrics["items_stage", stage, "ok"] += 1
         self.rt.last_event_at = time.time()
         self._log(row, stage, outcome, started, usage)
         return fields["status"] == "pending"
+
+    def save(self, row: Any, stage: str, fields: dict, usage: LLMUsage | None = None) -> bool:
+        """Store a stage's outcome (and its LLM usage) in one transaction. When the
+        database refuses, keep the outcome to write again later: the stage's side
+        effect has happened and must not happen twice."""
+        try:
+            self.rt.store.record_stage(row, fields, usage, stage)
+        except sqlite3.Error as e:
+            self.rt.store_failed(f"storing {row['source']}/{row['item_id']} {stage}", e)
+            self.unsaved[row["id"]] = UnsavedOutcome(
+                row, fields, usage, stage, time.monotonic() + STORE_RETRY_BASE
+            )
+            return False
+        self.rt.store_ok()
+        return True
+
+    async def save_again(self, outcome: UnsavedOutcome) -> None:
+        row = outcome.row
+        try:
+            self.rt.store.record_stage(row, outcome.fields, outcome.usage, outcome.stage)
+        except sqlite3.Error as e:
+            outcome.tries += 1
+            delay = min(STORE_RETRY_MAX, STORE_RETRY_BASE * 2**outcome.tries)
+            outcome.retry_at = time.monotonic() + delay
+            self.rt.store_failed(f"storing {row['source']}/{row['item_id']} {outcome.stage} "
+                                 f"(try {outcome.tries + 1}, next in {delay:.0f}s)", e)  # fmt: skip
+            return
+        del self.unsaved[row["id"]]
+        self.rt.store_ok()
+        log.info("item %s %s stage=%s outcome stored after the database recovered",
+                 row["source"], row["item_id"], outcome.stage)  # fmt: skip
+        if outcome.fields.get("status") == "pending":
+            await self.process(row["id"])
 
     def _fail(self, row: Any, stage: str, error: StageError, started: float) -> None:
         settings = self.rt.config.agentwatch
         attempts = row["attempts"] + 1
         now = time.time()
         if isinstance(error, PermanentError) or attempts >= settings.max_attempts:
-            self.rt.store.update_item(
-                row["id"], status="dead", attempts=attempts, last_error=str(error), failed_at=now
-            )
+            self.save(row, stage, {"status": "dead", "attempts": attempts,
+                                   "last_error": str(error), "failed_at": now}, error.usage)  # fmt: skip
             self.rt.metrics["items_stage", stage, "dead"] += 1
-            self._log(
-                row,
-                stage,
-                f"dead-lettered after {attempts} attempt(s): {error}",
-                started,
-                level=logging.ERROR,
-            )
+            self._log(row, stage, f"dead-lettered after {attempts} attempt(s): {error}",
+                      started, error.usage, level=logging.ERROR)  # fmt: skip
             return
         delay = backoff(attempts, settings.retry_base, settings.retry_max, error.retry_after)
-        self.rt.store.update_item(
-            row["id"], attempts=attempts, last_error=str(error), next_attempt_at=now + delay
-        )
+        self.save(row, stage, {"attempts": attempts, "last_error": str(error),
+                               "next_attempt_at": now + delay}, error.usage)  # fmt: skip
         self.rt.metrics["items_stage", stage, "retry"] += 1
-        self._log(
-            row,
-            stage,
-            f"retry in {delay:.0f}s (attempt {attempts}): {error}",
-            started,
-            level=logging.WARNING,
-        )
+        self._log(row, stage, f"retry in {delay:.0f}s (attempt {attempts}): {error}",
+                  started, error.usage, level=logging.WARNING)  # fmt: skip
 
     def _log(self, row: Any, stage: str, outcome: str, started: float,
              usage: LLMUsage | None = None, level: int = logging.INFO) -> None:  # fmt: skip
@@ -2845,7 +2459,8 @@ class Pipeline:
 # ###########################################################################
 
 USER_AGENT = f"agentwatch/{__version__} (+https://github.com/agentwatch/agentwatch)"
-POLLS_AT_ONCE = 50  # concurrent polls during --once and at start-up
+POLLS_AT_ONCE = 50  # concurrent polls: a start-up burst never holds 1,000 answers
+START_SPREAD = 60.0  # seconds over which sources overdue at start are spread
 SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 # [agentwatch] keys a SIGHUP cannot change: the process is built on them.
 RESTART_KEYS = ("db", "pidfile", "health", "hooks")
@@ -2955,11 +2570,27 @@ class Runtime:
     last_tick_at: float | None = None
     last_event_at: float | None = None
     sources: dict[str, Source] = field(default_factory=dict)
-    shared: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # the sources' rate budgets and tokens
+    store_error: str = ""  # the database's last refusal, until a write succeeds again
+    store_failing_since: float | None = None
 
     @property
     def source_configs(self) -> dict[str, SourceConfig]:
         return self.config.sources_by_name
+
+    def store_failed(self, doing: str, error: Exception) -> None:
+        """The database refused a read or a write: say so in the log and in /health."""
+        if self.store_failing_since is None:
+            self.store_failing_since = time.time()
+        self.store_error = f"{doing}: {type(error).__name__}: {error}"
+        self.metrics["store_errors"] += 1
+        log.error("database error while %s", self.store_error)
+
+    def store_ok(self) -> None:
+        if self.store_failing_since is not None:
+            log.info("database writes succeed again (failing since %s)",
+                     iso(self.store_failing_since))  # fmt: skip
+            self.store_failing_since, self.store_error = None, ""
 
 
 def make_http_client(settings: Settings) -> Any:
@@ -3034,11 +2665,8 @@ class Scheduler:
         return 0
 
     async def run_once(self) -> None:
-        async def poll(src: Source) -> None:
-            async with self.poll_slots:
-                await self.poll(src)
-
-        await asyncio.gather(*(poll(s) for s in self.rt.sources.values()))
+        await asyncio.gather(*(self.poll_in_slot(s, time.monotonic())
+                               for s in self.rt.sources.values()))  # fmt: skip
         await self.pipeline.drain()
         waiting = self.rt.store.db.execute(
             "SELECT COUNT(*) FROM items WHERE status = 'pending'"
@@ -3065,7 +2693,15 @@ class Scheduler:
         await self.tick_loop()
 
     def start_source(self, name: str, src: Source) -> None:
-        self.source_tasks[name] = asyncio.create_task(self.source_loop(src), name=f"source-{name}")
+        task = asyncio.create_task(self.source_loop(src), name=f"source-{name}")
+        self.source_tasks[name] = task
+        task.add_done_callback(self._source_task_ended)
+
+    def _source_task_ended(self, task: asyncio.Task) -> None:
+        # A source loop ends only when it is stopped; anything else is a bug to see.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("bug: %s ended with %s: %s", task.get_name(), type(error).__name__, error,
+                      exc_info=error)  # fmt: skip
 
     def stop(self, sig: int | None = None) -> None:
         if not self.rt.stopping.is_set():
@@ -3085,79 +2721,147 @@ class Scheduler:
                 await asyncio.wait_for(rt.wake.wait(), timeout=1.0)
 
     async def source_loop(self, src: Source) -> None:
+        """Poll `src` on its schedule until stopped. Waits use the monotonic clock, so
+        a step of the wall clock neither pauses nor rushes a source."""
         rt = self.rt
-        row = rt.store.source_row(src.name, src.type)
-        # A restart keeps each source's schedule; a brand-new source polls at once.
-        due = row["next_poll_at"] or 0.0
+        due = time.monotonic() + self.first_delay(src)
         while not rt.stopping.is_set():
-            delay = due - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)  # shutdown cancels this task
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # shutdown cancels this task
                 continue
-            # A bounded number of polls at once keeps the start-up burst of a
-            # thousand sources from holding a thousand responses in memory.
-            async with self.poll_slots:
-                due = await self.poll(src)
+            try:
+                due = await self.poll_in_slot(src, due)
+            except Exception:  # the loop itself must outlive any bug
+                log.exception("bug in the poll loop of %s; trying again in %.0fs",
+                              src.name, src.config.every)  # fmt: skip
+                due = time.monotonic() + src.config.every
 
-    async def poll(self, src: Source) -> float:
-        """Poll one source and store what it found; returns when to poll next."""
-        rt, config = self.rt, src.config
-        row = rt.store.source_row(src.name, src.type)
-        src.state = json.loads(row["state"] or "{}")
-        src.etag, src.last_modified = row["etag"], row["last_modified"]
-        started = time.monotonic()
-        rt.metrics["polls", src.name] += 1
+    def first_delay(self, src: Source) -> float:
+        """A restart keeps each source's schedule; a brand-new source polls at once;
+        sources overdue at start are spread over their interval (at most a minute)
+        instead of all polling in the same instant, and staying in step."""
         try:
-            async with asyncio.timeout(rt.config.agentwatch.fetch_timeout * 4 + 10):
-                items = await src.poll()
-        except (StageError, TimeoutError) as e:
-            error = (
-                e
-                if isinstance(e, StageError)
-                else TransientError("poll took too long", kind="timeout")
+            row = self.rt.store.source_row(src.name, src.type)
+        except sqlite3.Error as e:
+            self.rt.store_failed(f"reading source {src.name}", e)
+            return random.uniform(0, min(src.config.every, START_SPREAD))
+        if row["next_poll_at"] is None:
+            return 0.0
+        left = row["next_poll_at"] - time.time()
+        return left if left > 0 else random.uniform(0, min(src.config.every, START_SPREAD))
+
+    async def poll_in_slot(self, src: Source, due: float) -> float:
+        """One poll, holding one of the POLLS_AT_ONCE slots: a thousand sources
+        starting together never hold a thousand responses in memory. A source
+        waiting for its rate budget lends its slot meanwhile."""
+        await self.poll_slots.acquire()
+        src._slot, src._slot_held = self.poll_slots, True
+        try:
+            return await self.poll(src, due)
+        finally:
+            if src._slot_held:
+                self.poll_slots.release()
+            src._slot, src._slot_held = None, False
+
+    async def poll(self, src: Source, due: float | None = None) -> float:
+        """Poll one source and store what it found; returns when (monotonic) to poll
+        next. Everything from the request to the commit is guarded: whatever goes
+        wrong makes this a failed poll, never a dead source."""
+        rt, config = self.rt, src.config
+        started = time.monotonic()
+        due = started if due is None else due
+        rt.metrics["polls", src.name] += 1
+        allowance = Source.poll_allowance(rt.config.agentwatch)
+        try:
+            row = rt.store.source_row(src.name, src.type)
+            src.state = json.loads(row["state"] or "{}")
+            src.validators = self.validators_of(src, row)
+            if src._failures is None:
+                src._failures = row["consecutive_failures"]
+            src._deadline = started + allowance
+            try:
+                async with asyncio.timeout(allowance):
+                    items = validate_items(await src.poll(), src.name)
+            except TimeoutError:
+                raise TransientError(
+                    f"the poll took longer than {allowance:g}s", kind="timeout"
+                ) from None
+            now = time.time()
+            known = rt.store.known_ids(src.name, [i.item_id for i in items])
+            rows = admit(
+                config, items, known, first_poll=not row["baseline_done"],
+                baseline=src.baseline, max_age=rt.config.agentwatch.max_age,
+                stages=src.stages, now=now,
+            )  # fmt: skip
+            next_due = due + config.every
+            if next_due <= time.monotonic():  # late by a whole interval: skip, do not rush
+                next_due = time.monotonic() + config.every
+            rt.store.record_poll(
+                src.name, rows, state=src.state, validators=src.validators,
+                next_poll_at=now + (next_due - time.monotonic()),
+            )  # fmt: skip
+        except StageError as e:
+            return self.poll_failed(src, e)
+        except sqlite3.Error as e:
+            rt.store_failed(f"storing the poll of {src.name}", e)
+            return self.poll_failed(
+                src, TransientError(f"database error: {type(e).__name__}: {e}", kind="database")
             )
-            return self.poll_failed(src, error, row["consecutive_failures"])
         except Exception as e:  # a bug in a source must not stop the others
             log.exception("bug while polling %s", src.name)
-            error = TransientError(f"internal error: {type(e).__name__}: {e}")
-            return self.poll_failed(src, error, row["consecutive_failures"])
-        now = time.time()
-        known = rt.store.known_ids(src.name, [i.item_id for i in items])
-        rows = admit(
-            config, items, known, first_poll=not row["baseline_done"], baseline=src.baseline,
-            max_age=rt.config.agentwatch.max_age, stages=src.stages, now=now,
-        )  # fmt: skip
-        next_poll = now + config.every
-        rt.store.record_poll(
-            src.name, rows, state=src.state, etag=src.etag, last_modified=src.last_modified,
-            next_poll_at=next_poll,
-        )  # fmt: skip
-        new = sum(r["status"] == "pending" for r in rows)
-        if row["consecutive_failures"]:
-            log.info(
-                "source %s recovered after %d failed poll(s)", src.name, row["consecutive_failures"]
+            return self.poll_failed(
+                src, TransientError(f"internal error: {type(e).__name__}: {e}", kind="bug")
             )
+        finally:
+            src._deadline = None
+        rt.store_ok()
+        new = sum(r["status"] == "pending" for r in rows)
+        if src._failures:
+            log.info("source %s recovered after %d failed poll(s)", src.name, src._failures)
+        src._failures = 0
         if rows:
             log.info("poll %s: %d new item(s), %d recorded as seen (%.2fs)",
                      src.name, new, len(rows) - new, time.monotonic() - started)  # fmt: skip
             rt.last_event_at = now
         if new:
             rt.wake.set()
-        return next_poll
+        try:
+            await src.committed(items)
+        except Exception as e:  # stored already: nothing is lost, but the source must say so
+            error = e if isinstance(e, StageError) else TransientError(
+                f"after storing: {type(e).__name__}: {e}", kind="bug")  # fmt: skip
+            return self.poll_failed(src, error)
+        return next_due
 
-    def poll_failed(self, src: Source, error: StageError, failures_before: int) -> float:
+    @staticmethod
+    def validators_of(src: Source, row: sqlite3.Row) -> dict:
+        validators = json.loads(row["validators"] or "{}")
+        url = getattr(src.options, "url", "")
+        if not validators and url and (row["etag"] or row["last_modified"]):
+            # Stored before validators were kept per URL: they were this URL's.
+            validators[url] = {k: row[k] for k in ("etag", "last_modified") if row[k]}
+        return validators
+
+    def poll_failed(self, src: Source, error: StageError) -> float:
+        """Back off (capped at max(every, retry_max), never sooner than a Retry-After),
+        and say why in the log, /health and `status`."""
         rt, settings = self.rt, self.rt.config.agentwatch
-        failures = failures_before + 1
+        src._failures = failures = (src._failures or 0) + 1
         cap = max(src.config.every, settings.retry_max)
         delay = max(
             min(cap, src.config.every * 2 ** min(failures, 20)) * random.uniform(0.9, 1.1),
-            error.retry_after or 0.0,
+            min(error.retry_after or 0.0, cap),
         )
-        rt.store.record_poll_failure(src.name, str(error), time.time() + delay)
         rt.metrics["poll_errors", src.name] += 1
-        log.warning("poll %s failed (%d in a row), next try in %.0fs: %s",
-                    src.name, failures, delay, error)  # fmt: skip
-        return time.time() + delay
+        kind = error.kind or type(error).__name__
+        log.warning("poll %s failed (%d in a row, %s), next try in %.0fs: %s",
+                    src.name, failures, kind, delay, error)  # fmt: skip
+        try:
+            rt.store.record_poll_failure(src.name, str(error), kind, time.time() + delay, failures)
+        except sqlite3.Error as e:
+            rt.store_failed(f"recording the failed poll of {src.name}", e)
+        return time.monotonic() + delay
 
     # --- SIGHUP ------------------------------------------------------------
 
@@ -3304,7 +3008,7 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         status = "ok"
     rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
     secrets = sorted(config.secrets(), key=len, reverse=True)
-    sources = {}
+    sources, overdue = {}, []
     for s in config.sources:
         r = rows.get(s.name)
         entry = {
@@ -3314,7 +3018,15 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
             "consecutive_failures": r["consecutive_failures"] if r else 0,
             "next_poll_at": iso(r["next_poll_at"]) if r else None,
             "last_error": _redact(r["last_error"], secrets) if r else "",
-        }
+            "last_error_kind": r["last_error_kind"] if r else "",
+            # A poll this late means its loop is stuck or gone: a restart is the cure.
+            "overdue": bool(
+                status == "ok" and r and r["next_poll_at"] is not None
+                and now - r["next_poll_at"] > stale_after + Source.poll_allowance(config.agentwatch)
+            ),
+        }  # fmt: skip
+        if entry["overdue"]:
+            overdue.append(s.name)
         with contextlib.suppress(Exception):  # a drop-in's describe_state must not break /health
             if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
                 entry["state"] = state
@@ -3331,6 +3043,12 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         "last_event_at": iso(rt.last_event_at),
         "dlq_depth": counts.get("dead", 0),
         "pending_items": counts.get("pending", 0),
+        "database": {
+            "status": "failing" if rt.store_failing_since else "ok",
+            "failing_since": iso(rt.store_failing_since),
+            "error": _redact(rt.store_error, secrets),
+        },
+        "overdue_sources": overdue,
         "sources": sources,
     }
     return (200 if status == "ok" else 503), report
@@ -3419,6 +3137,13 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
            "When each source last polled successfully (Unix time).",
            [({"source": s.name}, float(rows[s.name]["last_ok_at"])) for s in config.sources
             if s.name in rows and rows[s.name]["last_ok_at"] is not None])  # fmt: skip
+    family("agentwatch_source_failing", "gauge",
+           "1 when a source's last poll failed, labelled with the kind of error.",
+           [({"source": s.name, "kind": rows[s.name]["last_error_kind"] or "unknown"}, 1)
+            for s in config.sources
+            if s.name in rows and rows[s.name]["consecutive_failures"]])  # fmt: skip
+    family("agentwatch_store_errors_total", "counter", "Reads and writes the database refused.",
+           [({}, metrics.get("store_errors", 0))])  # fmt: skip
     last_tick = rt.last_tick_at
     family("agentwatch_last_tick_timestamp_seconds", "gauge",
            "When the scheduler last ticked (Unix time).",
@@ -3693,7 +3418,7 @@ class WebhookSource(Source):
 
     @dataclass(frozen=True)
     class Options:
-        secret: str
+        secret: Secret
         signature: Literal["github", "stripe", "slack", "hmac"] = "github"
         events: list[str] = field(default_factory=list)
         header: str = "X-Signature"  # signature = "hmac" only
@@ -3974,6 +3699,10 @@ class Hooks:
         if isinstance(item, str):
             log.info("webhook %s: %s, nothing stored", name, item)
             return 200, {"result": "pong" if item == "ping" else "ignored", "reason": item}
+        try:
+            validate_items([item], name)  # the boundary every polled item passes too
+        except PermanentError as e:
+            return 400, {"error": str(e)}
         src = self.rt.sources.get(name) or make_source(config, self.rt.config.agentwatch, None, {})
         (row,) = admit(
             config, [item], set(), first_poll=False, baseline=False,
@@ -4138,7 +3867,7 @@ def preview(
     async def fetch() -> list[Item]:
         src.http = make_http_client(cfg.agentwatch)
         try:
-            return await src.poll()
+            return validate_items(await src.poll(), source_name)
         finally:
             await src.http.aclose()
 

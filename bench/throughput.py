@@ -41,7 +41,7 @@ async def fetch_dedup_filter(url: str, store: agentwatch.Store, rounds: int) -> 
         known = store.known_ids("bench", [i.item_id for i in items])
         rows = agentwatch.admit(config, items, known, first_poll=r == 0, baseline=True,
                                 max_age=settings.max_age, stages=src.stages, now=time.time())  # fmt: skip
-        store.record_poll("bench", rows, state={}, etag=None, last_modified=None, next_poll_at=0)
+        store.record_poll("bench", rows, state={}, validators={}, next_poll_at=0)
         total += len(items)
     await http.aclose()
     return total, time.perf_counter() - started

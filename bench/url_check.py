@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import agentwatch_sources.url as url_source  # noqa: E402
+
 import agentwatch  # noqa: E402
 
 SMALL = b"<html><head><title>Acme</title></head><body><h1>Acme</h1><p>Sign up</p></body></html>"
@@ -161,7 +163,7 @@ async def measure(
         row = store.source_row(name, "url")
         src.state = json.loads(row["state"] or "{}")
         await src.poll()
-        store.record_poll(name, [], state=src.state, etag=None, last_modified=None,
+        store.record_poll(name, [], state=src.state, validators={},
                           next_poll_at=time.time() + 60)  # fmt: skip
 
     for _ in range(5):  # warm: imports, the first connection, the first verdict
@@ -182,10 +184,10 @@ async def measure(
 
 async def measure_cert_read(target: Target, n: int) -> None:
     for _ in range(3):
-        await agentwatch.read_certificate("127.0.0.1", target.port, 10)
+        await url_source.read_certificate("127.0.0.1", target.port, 10)
     before, started, seen = cpu(), time.perf_counter(), target.counts()
     for _ in range(n):
-        await agentwatch.read_certificate("127.0.0.1", target.port, 10)
+        await url_source.read_certificate("127.0.0.1", target.port, 10)
     spent, wall, after = cpu() - before, time.perf_counter() - started, target.counts()
     connections = (after["connections"] - seen["connections"]) / n
     print(

@@ -25,7 +25,8 @@ def poll(url: str, settings: agentwatch.Settings | None = None, etag=None, last_
         try:
             config = SourceConfig(name="t", type="rss", options=agentwatch.RSSSource.Options(url))
             src = agentwatch.RSSSource(config, settings, http, {})
-            src.etag, src.last_modified = etag, last_modified
+            if etag or last_modified:
+                src.validators[url] = {"etag": etag, "last_modified": last_modified}
             return await src.poll(), src
         finally:
             await http.aclose()
@@ -77,12 +78,14 @@ def test_encodings_are_decoded(feeds):
 
 def test_conditional_get_sends_validators_and_304_yields_nothing(feeds):
     feeds.set("/f.xml", rss([{"title": "one", "link": "https://x/1"}]))
-    items, src = poll(f"{feeds.url}/f.xml")
-    assert len(items) == 1 and src.etag
-    again, _ = poll(f"{feeds.url}/f.xml", etag=src.etag, last_modified=src.last_modified)
+    url = f"{feeds.url}/f.xml"
+    items, src = poll(url)
+    kept = src.validators[url]  # validators are kept per URL
+    assert len(items) == 1 and kept["etag"] and kept["last_modified"]
+    again, _ = poll(url, etag=kept["etag"], last_modified=kept["last_modified"])
     assert again == []
     assert feeds.not_modified("/f.xml") == 1
-    assert feeds.requests[-1]["headers"].get("if-none-match") == src.etag
+    assert feeds.requests[-1]["headers"].get("if-none-match") == kept["etag"]
 
 
 def test_body_cap_timeout_and_server_errors_are_poll_failures(feeds):

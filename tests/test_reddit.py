@@ -11,7 +11,9 @@ import logging
 import signal
 import time
 
+import agentwatch_sources.reddit as reddit_source
 import pytest
+from agentwatch_sources.reddit import reddit_items
 from fake_reddit import (
     TOKEN_PATH,
     FakeReddit,
@@ -23,7 +25,7 @@ from fake_reddit import (
 )
 
 import agentwatch
-from agentwatch import ConfigError, Settings, StageError, reddit_items
+from agentwatch import ConfigError, Settings, StageError
 
 CLIENT_ID, SECRET = "cid-acme", "s3cret-value-123"
 
@@ -52,7 +54,7 @@ class Harness:
         self.shared: dict = {}
         self.http = None
 
-    def source(self, name: str = "r", **opts) -> agentwatch.RedditSource:
+    def source(self, name: str = "r", **opts) -> reddit_source.RedditSource:
         config = agentwatch.build_source_config(
             {"name": name, "type": "reddit", **opts}, "sources[0]"
         )
@@ -232,7 +234,7 @@ def test_token_is_fetched_once_and_shared_by_sources_with_the_same_app(reddit):
     assert token["auth"] == "basic" and token["method"] == "POST"
     assert listings[0]["path"] == "/r/acme/new"  # oauth.reddit.com takes no .json
     assert listings[0]["query"] == {"limit": "100", "raw_json": "1"}
-    user_agent = agentwatch.REDDIT_USER_AGENT
+    user_agent = reddit_source.REDDIT_USER_AGENT
     assert {r["headers"]["user-agent"] for r in reddit.requests()} == {user_agent}
 
 
@@ -423,7 +425,7 @@ def test_paging_is_bounded(reddit, caplog):
     with caplog.at_level(logging.WARNING):
         found = run(scenario())
     assert len(found) == 1000
-    assert reddit.hits("/r/acme/comments") == 1 + agentwatch.REDDIT_MAX_PAGES
+    assert reddit.hits("/r/acme/comments") == 1 + reddit_source.REDDIT_MAX_PAGES
     assert "more than 1000 new items" in caplog.text
 
 
@@ -473,7 +475,7 @@ def test_rate_limit_headers_slow_polls_before_a_429(reddit):
 
 
 def test_a_low_budget_is_spread_evenly_until_the_reset():
-    budget = agentwatch.RedditBudget("client id x")
+    budget = agentwatch.RateBudget("client id x")
     now = time.monotonic()
     budget.settle(
         {"x-ratelimit-remaining": "500.0", "x-ratelimit-used": "500", "x-ratelimit-reset": "100"}

@@ -11,6 +11,7 @@ import json
 import re
 import signal
 
+import agentwatch_sources.url as url_source
 import pytest
 from fake_targets import FakeTarget, make_certificate
 
@@ -317,19 +318,19 @@ def test_visible_text_drops_scripts_styles_tags_and_whitespace():
         "</head><body><!-- hidden --><h1>Acme&nbsp;&amp; co</h1>\n\n<p>Fast   <b>and</b>\tcheap"
         "</p><ul><li>One</li><li>Two</li></ul></body></html>"
     )
-    assert agentwatch.visible_text(html) == "Acme & co\nFast and cheap\nOne\nTwo"
-    assert agentwatch.visible_text('{"ok":  true}\n\n', is_html=False) == '{"ok": true}'
-    assert agentwatch.mask("at 10:00:01 by 3", [r"\d\d:\d\d:\d\d"]) == "at … by 3"
+    assert url_source.visible_text(html) == "Acme & co\nFast and cheap\nOne\nTwo"
+    assert url_source.visible_text('{"ok":  true}\n\n', is_html=False) == '{"ok": true}'
+    assert url_source.mask("at 10:00:01 by 3", [r"\d\d:\d\d:\d\d"]) == "at … by 3"
 
 
 def test_text_diff_is_short():
     old = "\n".join(f"line {i}" for i in range(100))
     new = "\n".join(f"line {i}" + ("!" if i % 2 else "") for i in range(100))
-    diff, added, removed = agentwatch.text_diff(old, new)
+    diff, added, removed = url_source.text_diff(old, new)
     assert (added, removed) == (50, 50)
     assert diff.splitlines()[:2] == ["- line 1", "+ line 1!"]
     assert diff.endswith("… and 60 more changed line(s)")
-    assert len(diff.splitlines()) == agentwatch.DIFF_LINES + 1
+    assert len(diff.splitlines()) == url_source.DIFF_LINES + 1
 
 
 @pytest.mark.parametrize("days", [5, -3, 365 * 30])  # 30 years: GeneralizedTime
@@ -338,9 +339,9 @@ def test_certificate_expiry_is_read_from_der(tmp_path, days):
 
     tls = make_certificate(tmp_path, days=days)
     der = ssl.PEM_cert_to_DER_cert(tls.cert.read_text())
-    assert agentwatch.certificate_not_after(der) == tls.not_after.timestamp()
+    assert url_source.certificate_not_after(der) == tls.not_after.timestamp()
     with pytest.raises(ValueError, match="cannot read the certificate's expiry"):
-        agentwatch.certificate_not_after(der[:40])
+        url_source.certificate_not_after(der[:40])
 
 
 def test_human_duration():
@@ -351,7 +352,7 @@ def test_human_duration():
 
 def test_describe_state():
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC).timestamp()
-    describe = agentwatch.URLSource.describe_state
+    describe = url_source.URLSource.describe_state
     assert describe({}) == ""
     assert describe({"state": "up", "since": now, "last_latency": 0.123}) == (
         "up since 2026-01-02T03:04:05Z; last latency 0.12s"
