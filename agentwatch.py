@@ -73,6 +73,7 @@ log = logging.getLogger("agentwatch")
 #   └── StageError           one item's stage (or one poll) failed
 #       ├── TransientError   retried with backoff (timeouts, 429, 5xx, garbage)
 #       └── PermanentError   straight to the dead-letter queue (4xx, refused)
+#   ├── CannotStart          restarting cannot help (damaged database, missing API key): exit 2
 #   BudgetExhausted          the LLM's daily budget is spent: the item waits, no attempt counted
 
 
@@ -108,6 +109,11 @@ class PermanentError(StageError):
 
 class BudgetExhausted(AgentwatchError):
     pass
+
+
+class CannotStart(AgentwatchError):
+    """What the user must fix before a start can succeed; exit 2, so that systemd's
+    RestartPreventExitStatus=2 stops a restart loop that cannot help."""
 
 
 # ###########################################################################
@@ -566,8 +572,8 @@ concurrency = 4
 about = "Acme is a self-hosted analytics tool for indie developers."
 voice = "Friendly, brief, no marketing speak."
 daily_budget_usd = 1.0        # past it items wait until tomorrow; 0 = no cap
-# The key comes from the ANTHROPIC_API_KEY environment variable; without it
-# agentwatch runs as provider "none".
+# The key comes from the ANTHROPIC_API_KEY environment variable; without it a
+# fresh install runs as provider "none", and one that has triaged refuses to start.
 
 [slack]
 # An incoming webhook URL; "" prints messages to stdout instead.
@@ -675,11 +681,25 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout = 5000")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.migrate()
+        try:
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            # The PRAGMA answers the mode it got: a filesystem without shared memory
+            # (NFS, some containers) keeps the rollback journal, where readers and
+            # the writer block each other.
+            self.journal_mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.migrate()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise damaged_database(self.path, e) or e from None
+        if self.journal_mode.lower() != "wal":
+            log.warning(
+                "the database %s is not in WAL mode (SQLite answered journal_mode = %s; "
+                "a network or special filesystem?): readers and writers now wait for each "
+                "other; keep the database on a local disk",
+                self.path, self.journal_mode,
+            )  # fmt: skip
 
     def close(self) -> None:
         self.db.close()
@@ -689,10 +709,13 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")  # may fail busy: then roll back, as for any error
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # After SQLITE_FULL (and a few others) SQLite has rolled back already: a
+            # second ROLLBACK would raise "no transaction is active" over the real error.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def migrate(self) -> None:
         with self.transaction() as db:
@@ -818,6 +841,15 @@ class Store:
                      usage.cache_read_tokens, usage.cache_write_tokens, usage.cost_usd),
                 )  # fmt: skip
 
+    def llm_triaged(self) -> bool:
+        """Has an LLM ever worked on this database (a call recorded, an item classified)?"""
+        return bool(
+            self.db.execute(
+                """SELECT EXISTS (SELECT 1 FROM llm_usage)
+                   OR EXISTS (SELECT 1 FROM items WHERE classification IS NOT NULL)"""
+            ).fetchone()[0]
+        )
+
     def spent_since(self, since: float) -> float:
         row = self.db.execute("SELECT SUM(cost_usd) FROM llm_usage WHERE at >= ?", (since,))
         return row.fetchone()[0] or 0.0
@@ -870,6 +902,19 @@ class Store:
                     WHERE status = 'dead' {where}""",
                 (time.time(), *args),
             ).rowcount
+
+
+def damaged_database(path: Path, error: sqlite3.Error) -> CannotStart | None:
+    """The one-line diagnosis of a database file SQLite cannot read, or None for
+    any other error (a lock, a full disk: those pass)."""
+    if getattr(error, "sqlite_errorname", "") not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return None
+    return CannotStart(
+        f"the database {path} is damaged (SQLite: {error}). Stop agentwatch; then put your "
+        f"latest `agentwatch backup` copy in its place, or recover what SQLite can still "
+        f"read: `sqlite3 {path} .recover | sqlite3 {path}.recovered`, move {path} and its "
+        f"-wal and -shm files aside, and {path}.recovered to {path}"
+    )
 
 
 def _id_filter(ids: list[int] | None) -> tuple[str, list[int]]:
@@ -1532,12 +1577,51 @@ def _entry_time(entry: Any) -> float | None:
     return None
 
 
-def _html_to_text(html: str) -> str:
-    text = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", html)
-    text = re.sub(r"(?s)<[^>]+>", " ", text)
+HTML_INPUT_LIMIT = 2_000_000  # characters of markup html_to_text reads; the rest is ignored
+
+# One token of markup: a comment, a tag (quoted attribute values may hold "<" and
+# ">"), or a declaration. Outside quotes every alternative stops at the next "<"
+# or ">", and possessive quantifiers never go back over what they read, so the
+# whole pass is linear even over 200 KB of "<" (the old regexes took 23 s). An
+# unclosed quote can fail to the end of the input at most once per quote kind.
+_MARKUP = re.compile(
+    r"<!--.*?(?:-->|\Z)"
+    r"|<(?P<close>/?)(?P<name>[a-zA-Z][a-zA-Z0-9:-]*+)(?:[^<>\"']++|\"[^\"]*+\"|'[^']*+')*+>?"
+    r"|<[!?/][^<>]*+>?",
+    re.DOTALL,
+)
+_HIDDEN = ("script", "style")  # elements whose content is not text
+
+
+def markup_text(
+    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset = frozenset()
+) -> str:
+    """Markup to text in one linear pass over at most HTML_INPUT_LIMIT characters:
+    tags and comments become spaces (a tag named in `breaks` a newline), the
+    content of `hidden` elements is dropped, entities are decoded. Whitespace is
+    left as it was. The machinery of html_to_text and of a page's visible text."""
     import html as html_module
 
-    return re.sub(r"\s+", " ", html_module.unescape(text)).strip()
+    html = html[:HTML_INPUT_LIMIT]
+    lowered: str | None = None
+    out, pos = [], 0
+    while match := _MARKUP.search(html, pos):
+        out.append(html[pos : match.start()])
+        name = (match["name"] or "").lower()
+        out.append("\n" if name in breaks else " ")
+        pos = match.end()
+        if name in hidden and not match["close"]:
+            lowered = lowered or html.lower()
+            end = lowered.find(f"</{name}", pos)
+            pos = len(html) if end < 0 else end
+    out.append(html[pos:])
+    return html_module.unescape("".join(out))
+
+
+def html_to_text(html: str) -> str:
+    """HTML as one line of plain text (linear time, input capped): for sources
+    whose APIs send HTML (feeds, Mastodon, pages)."""
+    return " ".join(markup_text(html).split())
 
 
 def _entry_text(entry: Any, key: str) -> str:
@@ -1545,19 +1629,47 @@ def _entry_text(entry: Any, key: str) -> str:
     so a plain-text title such as "<!channel>" stays what its author wrote."""
     value = entry.get(key, "") or ""
     if "html" in (entry.get(f"{key}_detail") or {}).get("type", ""):
-        return _html_to_text(value)
-    return re.sub(r"\s+", " ", value).strip()
+        return html_to_text(value)
+    return " ".join(value[:HTML_INPUT_LIMIT].split())
+
+
+TITLE_LIMIT = 1_000  # characters of a title or an author kept from a feed entry
+URL_LIMIT = 2_000  # characters of a link or an id (a longer id is replaced by its hash)
+
+
+def _defused(body: bytes, headers: dict) -> tuple[bytes, dict]:
+    """The feed as feedparser's parsers would see it (UTF-8), with every ENTITY
+    declaration disabled. feedparser expands the entities of a DOCTYPE's internal
+    subset when expat refuses a document, without limit: one 6 KB entity named
+    2,000 times is a 12 MB title from a 13 KB feed (and expat itself expands up to
+    8 MB before its own guard). Declarations are found after decoding, since
+    UTF-16 or UTF-7 would hide them from a look at the raw bytes. A disabled
+    declaration makes expat refuse the document; the loose parser then leaves
+    `&name;` as written and still decodes the HTML entities."""
+    from feedparser.encodings import convert_to_utf8, parse_content_type
+
+    headers = {k.lower(): v for k, v in headers.items()}
+    decoded: dict = {}
+    data = convert_to_utf8(headers, body, decoded)
+    if decoded.get("encoding"):  # now UTF-8, declared so in its <?xml ?>: say so in the header too
+        mime, _ = parse_content_type(headers.get("content-type", ""))
+        if mime:
+            headers["content-type"] = f"{mime}; charset=utf-8"
+    return data.replace(b"<!ENTITY", b"<!-ENTITY"), headers
 
 
 def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> list[Item]:
     """Parse feed bytes with feedparser (which forgives broken XML and encodings).
-    Pure: tested on the corpus. Ids: entry id, else link, else a hash of title and link."""
+    Pure: tested on the corpus. Ids: entry id, else link, else a hash of title and link.
+    What a hostile feed can make of it is bounded: no entity expansion, and each
+    field cut to its limit."""
     import io
 
     import feedparser
 
+    data, headers = _defused(body, dict(headers or {}))
     parsed = feedparser.parse(
-        io.BytesIO(body), response_headers=dict(headers or {}), resolve_relative_uris=False
+        io.BytesIO(data), response_headers=headers, resolve_relative_uris=False
     )
     if not parsed.entries and not parsed.get("version"):
         problem = parsed.get("bozo_exception")
@@ -1568,24 +1680,27 @@ def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> 
         )
     items, seen = [], set()
     for entry in parsed.entries:
-        title = _entry_text(entry, "title")
-        link = entry.get("link", "") or ""
+        title = _entry_text(entry, "title")[:TITLE_LIMIT]
+        link = (entry.get("link", "") or "")[:URL_LIMIT]
         item_id = entry.get("id") or link
         if not item_id:
             item_id = "sha1:" + hashlib.sha1(f"{title}\n{link}".encode()).hexdigest()
+        elif len(item_id) > URL_LIMIT:
+            item_id = "sha1:" + hashlib.sha1(item_id.encode()).hexdigest()
         if item_id in seen:  # some feeds repeat an id; the later entry is a duplicate
             continue
         seen.add(item_id)
         content = entry.get("content") or []
         body_html = (content[0].get("value") if content else None) or entry.get("summary", "")
+        text = html_to_text(body_html or "")
         items.append(
             Item(
                 item_id=item_id,
-                title=title or _html_to_text(body_html)[:120],
+                title=title or text[:120],
                 url=link,
-                author=entry.get("author", "") or "",
+                author=(entry.get("author", "") or "")[:TITLE_LIMIT],
                 published_at=_entry_time(entry),
-                body=_html_to_text(body_html or "")[:BODY_LIMIT],
+                body=text[:BODY_LIMIT],
                 kind="entry",
             )
         )
@@ -2612,6 +2727,15 @@ def make_llm(config: Config, store: Store, metrics: Counter, http: Any) -> LLM |
     if config.llm.provider == "none":
         return None
     if not os.environ.get("ANTHROPIC_API_KEY"):
+        # cron's or systemd's environment may lack the key: a process that was
+        # triaging must not quietly start posting every admitted item untriaged.
+        if store.llm_triaged():
+            raise CannotStart(
+                f"ANTHROPIC_API_KEY is not set, but {store.path} shows LLM triage (classified "
+                "items or recorded LLM calls): without the key every item would reach Slack "
+                "untriaged. Give this process the key (check the environment of cron or "
+                'systemd), or set provider = "none" in [llm] to run without the LLM on purpose'
+            )
         log.warning('ANTHROPIC_API_KEY is not set: running without the LLM (provider "none")')
         return None
     return LLM(config.llm, store, metrics, http)
@@ -3765,9 +3889,12 @@ ConfigOption = typing.Annotated[
 
 
 def fail(error: AgentwatchError) -> typer.Exit:
-    """One clear line on stderr; exit 2 for config errors, 1 for the rest."""
+    """One clear line on stderr; exit 2 for what a restart cannot fix, 1 for the rest."""
     if isinstance(error, ConfigError):
         sys.stderr.write(f"agentwatch: config error: {error}\n")
+        return typer.Exit(2)
+    if isinstance(error, CannotStart):
+        sys.stderr.write(f"agentwatch: {error}\n")
         return typer.Exit(2)
     sys.stderr.write(f"agentwatch: {error}\n")
     return typer.Exit(1)
@@ -3783,6 +3910,8 @@ def open_config(path: Path | None) -> Config:
 def open_store(config: Config) -> Store:
     try:
         return Store(config.db_path)
+    except CannotStart as e:
+        raise fail(e) from None
     except sqlite3.Error as e:
         raise fail(AgentwatchError(f"cannot open the database {config.db_path}: {e}")) from None
 
@@ -3841,6 +3970,12 @@ def run(
     except AgentwatchError as e:
         log.error("%s", e)
         raise fail(e) from None
+    except sqlite3.DatabaseError as e:
+        if (damaged := damaged_database(cfg.db_path, e)) is None:
+            log.exception("agentwatch crashed")
+            raise typer.Exit(1) from None
+        log.error("%s", damaged)
+        raise fail(damaged) from None
     except Exception:  # a bug: its traceback goes to the log file, where the user looks
         log.exception("agentwatch crashed")
         raise typer.Exit(1) from None

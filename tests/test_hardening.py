@@ -1,0 +1,347 @@
+"""What a hostile or broken world does to a process that must run for months
+(issue 9): a disk that fills, a database another process holds, a feed or a page
+built to exhaust memory or CPU, a restart without the API key, a damaged
+database file. Every hostile input is built here, never downloaded."""
+
+from __future__ import annotations
+
+import codecs
+import importlib.metadata
+import logging
+import re
+import sqlite3
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from fakes import rss
+from helpers import rows
+
+import agentwatch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- Store.transaction -------------------------------------------------------
+
+
+def test_a_commit_that_fails_busy_leaves_no_transaction_open(tmp_path):
+    """Without WAL (a filesystem that refuses it) a reader blocks the COMMIT. The
+    failed COMMIT must not leave the connection inside the transaction, or every
+    later BEGIN fails with "cannot start a transaction within a transaction"."""
+    store = agentwatch.Store(tmp_path / "aw.db")
+    store.source_row("s", "rss")
+    store.db.execute("PRAGMA journal_mode = DELETE")  # what a filesystem without WAL leaves
+    store.db.execute("PRAGMA busy_timeout = 100")
+    reader = sqlite3.connect(tmp_path / "aw.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM sources").fetchall()  # a SHARED lock: COMMIT cannot finish
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.record_poll_failure("s", "boom", time.time() + 60)
+    assert not store.db.in_transaction, "the failed COMMIT left the transaction open"
+    reader.execute("COMMIT")
+    reader.close()
+    store.record_poll_failure("s", "second", time.time() + 60)  # the next write works
+    assert store.sources()[0]["last_error"] == "second"
+    assert store.sources()[0]["consecutive_failures"] == 1, "the failed write was rolled back"
+    store.close()
+
+
+def test_a_full_disk_raises_its_own_error_not_no_transaction_is_active(tmp_path):
+    """On SQLITE_FULL SQLite has rolled back already; a second ROLLBACK would raise
+    "cannot rollback - no transaction is active" and hide why the write failed."""
+    store = agentwatch.Store(tmp_path / "aw.db")
+    store.source_row("s", "rss")
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    with pytest.raises(sqlite3.OperationalError, match="full") as raised:
+        store.record_poll_failure("s", "x" * 200_000, time.time() + 60)
+    assert raised.value.sqlite_errorname == "SQLITE_FULL"
+    assert not store.db.in_transaction
+    store.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space again
+    store.record_poll_failure("s", "fits", time.time() + 60)
+    assert store.sources()[0]["last_error"] == "fits"
+    store.close()
+
+
+def test_the_store_says_plainly_when_the_database_is_not_in_wal_mode(caplog):
+    # An in-memory database cannot be WAL: PRAGMA journal_mode answers "memory".
+    with caplog.at_level(logging.WARNING, logger="agentwatch"):
+        store = agentwatch.Store(":memory:")
+    assert store.journal_mode == "memory"
+    assert any("not in WAL mode" in r.getMessage() for r in caplog.records), caplog.text
+    store.close()
+
+
+def test_a_database_on_disk_is_in_wal_mode(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="agentwatch"):
+        store = agentwatch.Store(tmp_path / "aw.db")
+    assert store.journal_mode == "wal"
+    assert "WAL" not in caplog.text
+    store.close()
+
+
+# -- hostile feeds -----------------------------------------------------------
+
+
+def quadratic_entity_feed(size: int = 13_000, encoding: str = "utf-8") -> bytes:
+    """One big entity referenced a few thousand times: expat refuses it, and
+    feedparser's loose parser expands it (a 13 KB feed, a 10 MB title)."""
+    entity = "A" * (size // 2)
+    refs = "&e;" * (size // 2 // 3 // 2)
+    text = (
+        f'<?xml version="1.0" encoding="{encoding}"?>\n'
+        f'<!DOCTYPE rss [\n<!ENTITY e "{entity}">\n<!ENTITY copy "(C)">\n]>\n'
+        '<rss version="2.0"><channel><title>x</title>'
+        f"<item><title>Acme {refs}</title><link>https://x.example/1</link>"
+        f"<description>{refs}</description></item>"
+        "<item><title>second &amp; last</title><link>https://x.example/2</link></item>"
+        "</channel></rss>"
+    )
+    return codecs.encode(text, encoding)
+
+
+def billion_laughs_feed(levels: int = 9) -> bytes:
+    entities = ['<!ENTITY lol0 "lollollollollollollollollollol">'] + [
+        f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, levels)
+    ]
+    return (
+        '<?xml version="1.0"?>\n<!DOCTYPE rss [' + "".join(entities) + "]>\n"
+        f'<rss version="2.0"><channel><title>x</title><item><title>&lol{levels - 1};</title>'
+        "<link>https://x.example/1</link></item></channel></rss>"
+    ).encode()
+
+
+def produced(items: list[agentwatch.Item]) -> int:
+    return sum(len(i.title) + len(i.body) + len(i.url) + len(i.author) for i in items)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-7"])
+def test_entity_declarations_in_a_feed_are_not_expanded(encoding):
+    body = quadratic_entity_feed(encoding=encoding)
+    assert len(body) < 30_000
+    items = agentwatch.feed_items(body, {"content-type": "application/rss+xml"})
+    assert produced(items) < 50_000, f"a {len(body)} byte feed produced {produced(items)} chars"
+    # Nothing is lost: both items come through, the entity left as written.
+    assert [i.url for i in items] == ["https://x.example/1", "https://x.example/2"]
+    assert items[0].title.startswith("Acme &e;&e;")
+    assert items[1].title == "second & last"
+
+
+def test_nested_entities_are_not_expanded():
+    items = agentwatch.feed_items(billion_laughs_feed())
+    assert produced(items) < 10_000
+    assert [i.url for i in items] == ["https://x.example/1"]
+
+
+def test_what_one_feed_entry_may_produce_is_bounded():
+    huge = "word " * 400_000  # 2 MB in one title, one author, one link
+    body = rss([{"title": huge, "link": "https://x.example/" + "a" * 100_000, "author": huge,
+                 "guid": "g" * 100_000, "description": huge}])  # fmt: skip
+    (item,) = agentwatch.feed_items(body)
+    assert len(item.title) <= agentwatch.TITLE_LIMIT
+    assert len(item.author) <= agentwatch.TITLE_LIMIT
+    assert len(item.url) <= agentwatch.URL_LIMIT
+    assert len(item.body) <= agentwatch.BODY_LIMIT
+    assert len(item.item_id) <= agentwatch.URL_LIMIT
+    # A long id is replaced by its hash, so two long ids that differ late stay apart.
+    other = rss([{"title": "t", "guid": "g" * 99_999 + "h"}])
+    assert agentwatch.feed_items(other)[0].item_id != item.item_id
+
+
+def test_a_hostile_feed_is_polled_without_harm_and_the_process_stays_up(
+    slack, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/evil.xml", quadratic_entity_feed(30_000))
+    feeds.set("/good.xml", rss([{"title": "fine", "link": "https://x.example/g"}]))
+    config = make_config(f"""
+        [agentwatch]
+        db = "aw.db"
+        health = ""
+        [llm]
+        provider = "none"
+        [slack]
+        webhook_url = "${{SLACK_WEBHOOK_URL}}"
+        [[sources]]
+        name = "evil"
+        type = "rss"
+        url = "{feeds.url}/evil.xml"
+        [[sources]]
+        name = "good"
+        type = "rss"
+        url = "{feeds.url}/good.xml"
+    """)
+    started = time.monotonic()
+    result = run_cli("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    stored = rows(tmp_path / "aw.db", "SELECT source, title FROM items ORDER BY id")
+    assert {r["source"] for r in stored} == {"evil", "good"}
+    assert max(len(r["title"]) for r in stored) <= agentwatch.TITLE_LIMIT
+
+
+# -- html_to_text ------------------------------------------------------------
+
+HOSTILE_MARKUP = {
+    "lt": "<" * 200_000,
+    "lt-a": "<a" * 100_000,
+    "end-tags": "</" * 100_000,
+    "bangs": "<!" * 100_000,
+    "pis": "<?" * 100_000,
+    "open-attrs": "<div a=" * 30_000,
+    "unclosed-scripts": "<script>" * 25_000,
+    "unclosed-comments": "<!--" * 50_000,
+    "unclosed-style": "<style>" + "<" * 200_000,
+    "entities": "&" * 200_000,
+    "unclosed-quote": '<a x="' + "<" * 200_000,
+    "quotes": '<a x="' * 40_000,
+    "one-quote-many-tags": "<a x='" + "<a y=" * 40_000,
+}
+
+
+def test_html_to_text_is_linear_on_hostile_markup():
+    """200 KB of `<` took ~23 s with the old regexes, holding the GIL (so /health
+    froze too). Generous bound: a linear pass does all of these in well under 1 s."""
+    started = time.monotonic()
+    for markup in HOSTILE_MARKUP.values():
+        agentwatch.html_to_text(markup)
+    assert time.monotonic() - started < 5
+
+
+def test_html_to_text_caps_its_input():
+    text = agentwatch.html_to_text("<p>" + "x " * (agentwatch.HTML_INPUT_LIMIT) + "</p>")
+    assert len(text) <= agentwatch.HTML_INPUT_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("html", "text"),
+    [
+        ("<p>Acme <b>rocks</b></p><p>again</p>", "Acme rocks again"),
+        ("<script>var a = '<p>no</p>';</script>kept<style>p{}</style>", "kept"),
+        ("<SCRIPT type=x>hidden</SCRIPT >shown", "shown"),
+        ("a <!-- a comment <p> --> b", "a b"),
+        ("1 < 2 &amp;&amp; 3 &gt; 2", "1 < 2 && 3 > 2"),
+        ('<a href="https://x.example/?a=1&amp;b=2" title="x > y">link</a>', "link"),
+        ("caf&eacute; &#8212; &#x263A;", "café — ☺"),
+        ("unclosed <b", "unclosed"),
+        ("  lots\n\n of\t space ", "lots of space"),
+    ],
+)
+def test_html_to_text(html, text):
+    assert agentwatch.html_to_text(html) == text
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's one `agentwatch: ...` line (the log, on stderr here, may say it too)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("agentwatch: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# -- a restart without the API key -------------------------------------------
+
+SIMPLE = """
+[agentwatch]
+db = "aw.db"
+health = ""
+[llm]
+provider = "{provider}"
+[slack]
+webhook_url = "${{SLACK_WEBHOOK_URL}}"
+[[sources]]
+name = "blog"
+type = "rss"
+url = "{url}"
+"""
+
+
+def test_a_database_that_saw_llm_triage_refuses_to_run_without_the_key(
+    slack, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/f.xml", rss([{"title": "old", "link": "https://x.example/1"}]))
+    config = make_config(SIMPLE.format(provider="anthropic", url=f"{feeds.url}/f.xml"))
+    no_key = {"ANTHROPIC_API_KEY": None}
+    # A fresh install runs without a key (as provider "none").
+    first = run_cli("run", "--once", config=config, env=no_key)
+    assert first.returncode == 0, first.stderr
+    # Later the database shows LLM triage: a classified item.
+    db = sqlite3.connect(tmp_path / "aw.db")
+    db.execute("""UPDATE items SET classification = '{"relevant": true}'""")
+    db.commit()
+    db.close()
+    feeds.set("/f.xml", rss([{"title": f"new {n}", "link": f"https://x.example/n{n}"}
+                             for n in range(5)]))  # fmt: skip
+    refused = run_cli("run", "--once", config=config, env=no_key)
+    assert refused.returncode == 2, refused.stderr
+    assert "ANTHROPIC_API_KEY" in refused.stderr and 'provider = "none"' in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert one_error_line(refused.stderr).startswith("agentwatch: ANTHROPIC_API_KEY is not set")
+    assert not slack.requests, "nothing may be posted untriaged"
+    assert len(rows(tmp_path / "aw.db", "SELECT * FROM items")) == 1, "nothing was polled"
+    # Saying provider = "none" on purpose runs it.
+    config.write_text(SIMPLE.format(provider="none", url=f"{feeds.url}/f.xml"))
+    assert run_cli("run", "--once", config=config, env=no_key).returncode == 0
+
+
+def test_recorded_llm_usage_also_counts_as_triage(feeds, make_config, run_cli, tmp_path):
+    config = make_config(SIMPLE.format(provider="anthropic", url=f"{feeds.url}/f.xml"))
+    store = agentwatch.Store(tmp_path / "aw.db")
+    usage = agentwatch.LLMUsage(model="m", input_tokens=1, output_tokens=1)
+    store.record_usage({"source": "blog", "item_id": "x"}, "classify", usage)
+    store.close()
+    refused = run_cli("run", "--once", config=config, env={"ANTHROPIC_API_KEY": None})
+    assert refused.returncode == 2, refused.stderr
+    assert "ANTHROPIC_API_KEY" in refused.stderr
+
+
+# -- dependencies ------------------------------------------------------------
+
+
+def requirement(name: str) -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    found = [d for d in deps if re.match(rf"{re.escape(name)}\b(?![-_])", d)]
+    assert found, f"{name} is not declared in pyproject.toml"
+    return found[0]
+
+
+def test_h11_is_declared_with_the_request_smuggling_fix():
+    assert re.search(r">=\s*0\.16", requirement("h11"))
+
+
+@pytest.mark.parametrize("name", ["httpx2", "anthropic", "h11"])
+def test_direct_dependencies_are_bounded_below_their_next_major(name):
+    installed = int(importlib.metadata.version(name).split(".")[0])
+    bound = re.search(r"<\s*(\d+)", requirement(name))
+    assert bound, f"{requirement(name)} has no upper bound"
+    assert int(bound.group(1)) == installed + 1, (requirement(name), installed)
+
+
+# -- a damaged database ------------------------------------------------------
+
+
+def damage(db: Path, how: str) -> None:
+    if how == "not-a-database":
+        db.write_bytes(b"this is not an SQLite file at all" * 200)
+    else:  # a real database with every page after the header overwritten
+        store = agentwatch.Store(db)
+        store.source_row("blog", "rss")
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.close()
+        data = bytearray(db.read_bytes())
+        data[100:] = b"\xa5" * (len(data) - 100)
+        db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["not-a-database", "malformed"])
+def test_a_damaged_database_is_one_clear_line_and_exit_2(how, make_config, run_cli, tmp_path):
+    config = make_config(SIMPLE.format(provider="none", url="http://127.0.0.1:9/f.xml"))
+    damage(tmp_path / "aw.db", how)
+    for command in (["run"], ["status"]):
+        result = run_cli(*command, config=config)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        line = one_error_line(result.stderr)
+        assert "damaged" in line and ".recover" in line and "backup" in line
+        assert str(tmp_path / "aw.db") in line
