@@ -46,6 +46,7 @@ __all__ = [
     "FakeAnthropic",
     "FakeFeeds",
     "FakeSlack",
+    "FakeSlackAPI",
     "atom",
     "default_classifier",
     "default_drafter",
@@ -552,6 +553,298 @@ class FakeSlack(_FakeServer):
 
 
 # ###########################################################################
+# Slack Web API (a bot token: chat.postMessage, chat.update, history, reactions)
+# ###########################################################################
+
+# Which scope each method needs (a channel's history needs channels:history, a
+# private channel's groups:history).
+_SLACK_SCOPES = {
+    "chat.postMessage": "chat:write",
+    "chat.update": "chat:write",
+    "conversations.history": "channels:history",
+    "conversations.replies": "channels:history",
+    "reactions.get": "reactions:read",
+    "auth.test": "",
+}
+BOT_SCOPES = ("chat:write", "channels:history", "groups:history", "reactions:read")
+
+
+class FakeSlackAPI(_FakeServer):
+    """The Slack Web API at `url` + "/api/<method>", as a bot token meets it.
+
+        api = FakeSlackAPI(token="xoxb-test")     # channel C0TEST123 exists, the bot is in it
+        api.fail("chat.postMessage", "not_in_channel")          # the next call answers ok:false
+        api.fail("chat.postMessage", "ratelimited", status=429, headers={"Retry-After": "1"})
+        api.slow("chat.postMessage", 5.0)   # the message is posted at once, answered 5 s later
+        api.messages("C0TEST123")              # top-level messages, oldest first (threads: replies())
+        api.react("C0TEST123", ts, "-1")       # a user reacts
+
+    Like Slack: every answer is HTTP 200 with {"ok": false, "error": ...} on
+    failure (except 429 with Retry-After); the token comes in `Authorization:
+    Bearer`; JSON bodies for writes, form or query fields for reads; metadata
+    is returned by conversations.history only with include_all_metadata; thread
+    replies are not in conversations.history, only in conversations.replies;
+    history is newest first, bounded by oldest/latest (exclusive), paged by
+    `cursor`. Block Kit is checked as for webhooks (invalid_blocks, no_text).
+    """
+
+    BOT_USER = "U0BOT"
+    BOT_ID = "B0BOT"
+
+    def __init__(self, token: str = "xoxb-test", channels: Iterable[str] = ("C0TEST123",)) -> None:
+        super().__init__()
+        self.token = token
+        self.scopes = set(BOT_SCOPES)
+        self.channels: dict[str, dict] = {c: {"member": True, "archived": False} for c in channels}
+        self._messages: dict[str, list[dict]] = {c: [] for c in channels}
+        self._calls: list[dict] = []
+        self._faults: dict[str, deque] = {}
+        self._slow: dict[str, float] = {}
+        self._clock = 0
+
+    # -- programming -------------------------------------------------------
+
+    def fail(self, method: str, error: str, *, times: int = 1, status: int = 200,
+             headers: dict | None = None, **extra: Any) -> None:  # fmt: skip
+        """The next `times` calls of `method` answer ok:false `error` (HTTP `status`)."""
+        with self._cond:
+            queue = self._faults.setdefault(method, deque())
+            for _ in range(times):
+                queue.append((status, error, dict(headers or {}), extra))
+
+    def slow(self, method: str, seconds: float) -> None:
+        """Answer `method` `seconds` late; what the call does is done first."""
+        with self._cond:
+            self._slow[method] = seconds
+
+    def react(self, channel: str, ts: str, name: str, user: str = "U0HUMAN") -> None:
+        with self._cond:
+            message = self._find(channel, ts)
+            for reaction in message.setdefault("reactions", []):
+                if reaction["name"] == name:
+                    if user not in reaction["users"]:
+                        reaction["users"].append(user)
+                        reaction["count"] += 1
+                    break
+            else:
+                message["reactions"].append({"name": name, "users": [user], "count": 1})
+            self._cond.notify_all()
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def calls(self) -> list[dict]:
+        """Every call: {method, args, time, ok, error, status}."""
+        with self._cond:
+            return [dict(c) for c in self._calls]
+
+    def calls_of(self, method: str) -> list[dict]:
+        return [c for c in self.calls if c["method"] == method]
+
+    def messages(self, channel: str = "C0TEST123", *, replies: bool = False) -> list[dict]:
+        """Posted messages, oldest first: top-level ones, or with replies=True all of them."""
+        with self._cond:
+            return [
+                json.loads(json.dumps(m))
+                for m in self._messages.get(channel, [])
+                if replies or m.get("thread_ts") in (None, m["ts"])
+            ]
+
+    def replies(self, channel: str, thread_ts: str) -> list[dict]:
+        """A thread's replies (not its first message), oldest first."""
+        return [
+            m for m in self.messages(channel, replies=True)
+            if m.get("thread_ts") == thread_ts and m["ts"] != thread_ts
+        ]  # fmt: skip
+
+    def wait_for(self, predicate: Callable, timeout: float = DEFAULT_TIMEOUT):
+        """Block until `predicate()` / `predicate(api)` is truthy; returns its value."""
+        return self._wait(_predicate(self, predicate), timeout, self._describe)
+
+    def _describe(self) -> str:
+        with self._cond:
+            calls = [(c["method"], c["ok"], c["error"]) for c in self._calls]
+        return f"calls so far (method, ok, error): {calls[-30:]}"
+
+    # -- serving -----------------------------------------------------------
+
+    def _find(self, channel: str, ts: str) -> dict:
+        for message in self._messages.get(channel, []):
+            if message["ts"] == ts:
+                return message
+        raise KeyError(ts)
+
+    def _args(self, request: Request) -> dict:
+        from urllib.parse import parse_qsl
+
+        args = dict(parse_qsl(request.target.partition("?")[2]))
+        kind = request.headers.get("content-type", "")
+        if request.body and kind.startswith("application/json"):
+            args.update(json.loads(request.body))
+        elif request.body:
+            args.update(parse_qsl(request.body.decode()))
+        for key in ("blocks", "metadata"):  # form fields carry these as JSON strings
+            if isinstance(args.get(key), str):
+                with contextlib.suppress(ValueError):
+                    args[key] = json.loads(args[key])
+        return args
+
+    def _handle(self, request: Request) -> Response:
+        method = request.path.removeprefix("/api/")
+        try:
+            args = self._args(request)
+        except ValueError:
+            args = None
+        with self._cond:
+            call = {"method": method, "args": args, "time": request.time, "ok": None,
+                    "error": None, "status": 200}  # fmt: skip
+            self._calls.append(call)
+            status, answer, headers = self._answer(method, request, args)
+            call.update(ok=answer.get("ok"), error=answer.get("error"), status=status)
+            self._cond.notify_all()
+            delay = self._slow.get(method, 0.0)
+        if delay:
+            self._sleep(delay)
+        body = json.dumps(answer).encode()
+        return Response(
+            status, body, {"Content-Type": "application/json; charset=utf-8", **headers}
+        )
+
+    def _answer(self, method: str, request: Request, args: dict | None) -> tuple[int, dict, dict]:
+        def error(code: str, **extra: Any) -> tuple[int, dict, dict]:
+            return 200, {"ok": False, "error": code, **extra}, {}
+
+        if method not in _SLACK_SCOPES:
+            return 404, {"ok": False, "error": "unknown_method"}, {}
+        if args is None:
+            return error("invalid_json")
+        if request.headers.get("authorization", "") != f"Bearer {self.token}":
+            return error("not_authed" if "authorization" not in request.headers else "invalid_auth")
+        queue = self._faults.get(method)
+        if queue:
+            status, code, headers, extra = queue.popleft()
+            return status, {"ok": False, "error": code, **extra}, headers
+        needed = _SLACK_SCOPES[method]
+        if needed and needed not in self.scopes:
+            return error("missing_scope", needed=needed, provided=",".join(sorted(self.scopes)))
+        if method == "auth.test":
+            return 200, {"ok": True, "user_id": self.BOT_USER, "bot_id": self.BOT_ID}, {}
+        channel = args.get("channel", "")
+        if channel not in self.channels:
+            return error("channel_not_found")
+        if not self.channels[channel]["member"]:
+            return error("not_in_channel")
+        if method == "chat.postMessage":
+            return self._post(channel, args)
+        if method == "chat.update":
+            return self._update_message(channel, args)
+        if method == "conversations.history":
+            return self._history(channel, args, thread=None)
+        if method == "conversations.replies":
+            return self._history(channel, args, thread=str(args.get("ts", "")))
+        if method == "reactions.get":
+            try:
+                message = self._find(channel, str(args.get("timestamp", "")))
+            except KeyError:
+                return error("message_not_found")
+            return 200, {"ok": True, "type": "message", "channel": channel,
+                         "message": json.loads(json.dumps(message))}, {}  # fmt: skip
+        return error("unknown_method")
+
+    def _problem(self, args: dict) -> str | None:
+        if not args.get("text") and not args.get("blocks"):
+            return "no_text"
+        if len(str(args.get("text", ""))) > 40_000:
+            return "msg_too_long"
+        if "blocks" in args and slack_payload_problem({"text": "x", **args}):
+            return "invalid_blocks"
+        metadata = args.get("metadata")
+        if metadata is not None and not (
+            isinstance(metadata, dict)
+            and isinstance(metadata.get("event_type"), str)
+            and isinstance(metadata.get("event_payload"), dict)
+        ):
+            return "invalid_metadata_format"
+        return None
+
+    def _post(self, channel: str, args: dict) -> tuple[int, dict, dict]:
+        if self.channels[channel]["archived"]:
+            return 200, {"ok": False, "error": "is_archived"}, {}
+        if problem := self._problem(args):
+            return 200, {"ok": False, "error": problem}, {}
+        thread_ts = args.get("thread_ts")
+        if thread_ts is not None:
+            try:
+                parent = self._find(channel, str(thread_ts))
+            except KeyError:
+                return 200, {"ok": False, "error": "thread_not_found"}, {}
+        # ts: seconds.microseconds, unique and increasing within the channel.
+        self._clock = max(self._clock + 1, int(time.time() * 1_000_000))
+        ts = f"{self._clock // 1_000_000}.{self._clock % 1_000_000:06d}"
+        message = {"type": "message", "user": self.BOT_USER, "bot_id": self.BOT_ID, "ts": ts,
+                   "text": args.get("text", ""), "blocks": args.get("blocks", [])}  # fmt: skip
+        if args.get("metadata"):
+            message["metadata"] = args["metadata"]
+        if thread_ts is not None:
+            message["thread_ts"] = parent.get("thread_ts", parent["ts"])
+            parent["thread_ts"] = parent["ts"]
+            parent["reply_count"] = parent.get("reply_count", 0) + 1
+        self._messages[channel].append(message)
+        answer = {k: v for k, v in message.items() if k != "metadata"}
+        return 200, {"ok": True, "channel": channel, "ts": ts, "message": answer}, {}
+
+    def _update_message(self, channel: str, args: dict) -> tuple[int, dict, dict]:
+        try:
+            message = self._find(channel, str(args.get("ts", "")))
+        except KeyError:
+            return 200, {"ok": False, "error": "message_not_found"}, {}
+        if message.get("user") != self.BOT_USER:
+            return 200, {"ok": False, "error": "cant_update_message"}, {}
+        if problem := self._problem(args):
+            return 200, {"ok": False, "error": problem}, {}
+        message.update(text=args.get("text", ""), blocks=args.get("blocks", []))
+        message["edited"] = {"user": self.BOT_USER, "ts": message["ts"]}
+        return 200, {"ok": True, "channel": channel, "ts": message["ts"],
+                     "text": message["text"]}, {}  # fmt: skip
+
+    def _history(self, channel: str, args: dict, thread: str | None) -> tuple[int, dict, dict]:
+        def stamp(key: str, default: float) -> float:
+            try:
+                return float(args.get(key) or default)
+            except ValueError:
+                return default
+
+        oldest, latest = stamp("oldest", 0.0), stamp("latest", float("inf"))
+        inclusive = str(args.get("inclusive", "")).lower() in ("1", "true")
+        limit = max(1, min(int(args.get("limit") or 100), 999))
+        with_metadata = str(args.get("include_all_metadata", "")).lower() in ("1", "true")
+        if thread is None:
+            found = [m for m in self._messages[channel] if m.get("thread_ts") in (None, m["ts"])]
+            found.reverse()  # newest first
+        else:
+            found = [m for m in self._messages[channel]
+                     if m["ts"] == thread or m.get("thread_ts") == thread]  # fmt: skip
+            if not found:
+                return 200, {"ok": False, "error": "thread_not_found"}, {}
+
+        def within(ts: float) -> bool:
+            return oldest <= ts <= latest if inclusive else oldest < ts < latest
+
+        found = [m for m in found if within(float(m["ts"]))]
+        start = int(args.get("cursor") or 0)
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        messages = []
+        for m in page:
+            m = json.loads(json.dumps(m))
+            if not with_metadata:
+                m.pop("metadata", None)
+            messages.append(m)
+        return 200, {"ok": True, "messages": messages, "has_more": more,
+                     "response_metadata": {"next_cursor": str(start + limit) if more else ""}}, {}  # fmt: skip
+
+
+# ###########################################################################
 # Anthropic Messages API
 # ###########################################################################
 
@@ -646,6 +939,43 @@ def default_drafter(request_json: dict) -> str:
     return "Thanks for the report — we're on it. (draft)"
 
 
+def default_grounding(request_json: dict) -> tuple[str, str]:
+    """(file, heading) a structured draft says it relied on; ("", "") = not covered."""
+    return "", ""
+
+
+def _prompt_tokens(parts: list) -> int:
+    # Plausible counts: about four characters a token.
+    return max(1, len(json.dumps(parts)) // 4)
+
+
+def _cached_prefix(body: dict) -> list | None:
+    """The request up to and including its last `cache_control` block, in the
+    API's order (tools, system, messages); None when nothing is marked."""
+    parts: list = []
+    marked = None
+    for tool in body.get("tools") or []:
+        parts.append(tool)
+        if isinstance(tool, dict) and tool.get("cache_control"):
+            marked = len(parts)
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        parts.append(block)
+        if isinstance(block, dict) and block.get("cache_control"):
+            marked = len(parts)
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else [content]:
+            parts.append([message.get("role"), block])
+            if isinstance(block, dict) and block.get("cache_control"):
+                marked = len(parts)
+    return parts[:marked] if marked else None
+
+
+# Models that answer a forced tool_choice with 400 (Anthropic's migration guides).
+FORCED_TOOL_REFUSED = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1")
+
+
 def _anthropic_error(status: int, kind: str, message: str, headers: dict | None = None) -> Response:
     body = {
         "type": "error",
@@ -674,7 +1004,16 @@ class FakeAnthropic(_FakeServer):
       stop_reason "tool_use". Kind "classify".
     - structured output (`output_config.format.type == "json_schema"`): a text
       block with the classifier's result as JSON; stop_reason "end_turn". Kind "classify".
+      A schema with a "reply" property is a draft: {"reply": fake.drafter(...),
+      "file": ..., "heading": ...} from `fake.grounding(request_json)`. Kind "text".
     - anything else: a text block `fake.drafter(request_json)`. Kind "text".
+    - forced tool use on a model in FORCED_TOOL_REFUSED: 400, as the real API answers.
+
+    Prompt caching: the request up to its last `cache_control` block is the cached
+    prefix. When it is at least `cache_min_tokens` long, the first request with it
+    reports `cache_creation_input_tokens`, later ones `cache_read_input_tokens`
+    (and `input_tokens` counts only the rest). `POST /v1/messages/count_tokens`
+    answers {"input_tokens": N}, counted the same way, for the SDK's token counting.
 
     Faults, queued with `script([...], kind=None)` (one per request, a kind's own
     queue before the shared one) or for every request with `set_default_fault`:
@@ -696,6 +1035,9 @@ class FakeAnthropic(_FakeServer):
         self.api_key = api_key
         self.classifier: Callable[[dict], dict] = default_classifier
         self.drafter: Callable[[dict], str] = default_drafter
+        self.grounding: Callable[[dict], tuple[str, str]] = default_grounding
+        self.cache_min_tokens = 512  # claude-haiku-5-5 and claude-sonnet-5-5's minimum
+        self._cache: set[str] = set()
         self._requests: list[dict] = []
         self._scripts: dict[str | None, deque] = {}
         self._default_faults: dict[str | None, tuple | None] = {}
@@ -722,7 +1064,9 @@ class FakeAnthropic(_FakeServer):
             self._requests.clear()
             self._scripts.clear()
             self._default_faults.clear()
+            self._cache.clear()
         self.classifier, self.drafter = default_classifier, default_drafter
+        self.grounding = default_grounding
 
     # -- reading -----------------------------------------------------------
 
@@ -760,7 +1104,8 @@ class FakeAnthropic(_FakeServer):
     # -- serving -----------------------------------------------------------
 
     def _handle(self, request: Request) -> Response:
-        if request.method != "POST" or request.path != "/v1/messages":
+        counting = request.path == "/v1/messages/count_tokens"
+        if request.method != "POST" or (request.path != "/v1/messages" and not counting):
             return _anthropic_error(404, "not_found_error", f"Not found: {request.path}")
         key = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization", "")
@@ -774,10 +1119,19 @@ class FakeAnthropic(_FakeServer):
             body = request.json()
         except ValueError:
             return _anthropic_error(400, "invalid_request_error", "request body is not JSON")
+        if counting:
+            if not isinstance(body, dict) or "model" not in body or "messages" not in body:
+                return _anthropic_error(
+                    400, "invalid_request_error", "model and messages are required"
+                )
+            tokens = _prompt_tokens(_prompt_parts(body))
+            return Response(200, json.dumps({"input_tokens": tokens}).encode(),
+                            {"Content-Type": "application/json"})  # fmt: skip
         if problem := _request_problem(body):
             return _anthropic_error(400, "invalid_request_error", problem)
 
-        kind = "classify" if (_forced_tool(body) or _wants_json(body)) else "text"
+        drafting = "reply" in (_json_schema(body).get("properties") or {})
+        kind = "classify" if (_forced_tool(body) or _wants_json(body)) and not drafting else "text"
         with self._cond:
             queue = self._scripts.get(kind) or self._scripts.get(None)
             if queue:
@@ -813,7 +1167,10 @@ class FakeAnthropic(_FakeServer):
 
         tool = _forced_tool(body)
         result = None
-        if kind == "classify":
+        if _wants_json(body) and kind == "text":  # a structured draft
+            file, heading = self.grounding(body)
+            result = {"reply": self.drafter(body), "file": file, "heading": heading}
+        elif kind == "classify":
             result = {"relevant": "maybe"} if name == "bad_tool_input" else self.classifier(body)
         if tool:
             content = [
@@ -826,11 +1183,21 @@ class FakeAnthropic(_FakeServer):
             ]
             stop_reason, output = "tool_use", json.dumps(result)
         else:
-            output = json.dumps(result) if kind == "classify" else self.drafter(body)
+            output = json.dumps(result) if result is not None else self.drafter(body)
             content = [{"type": "text", "text": output}]
             stop_reason = "end_turn"
-        # Plausible counts: about four characters a token.
-        prompt = json.dumps([body.get("system"), body.get("messages"), body.get("tools")])
+        total = _prompt_tokens(_prompt_parts(body))
+        cached = cache_read = cache_write = 0
+        if (prefix := _cached_prefix(body)) is not None:
+            cached = _prompt_tokens(prefix)
+            if cached >= self.cache_min_tokens:
+                key = hashlib.sha256(json.dumps([body["model"], prefix]).encode()).hexdigest()
+                with self._cond:
+                    hit = key in self._cache
+                    self._cache.add(key)
+                cache_read, cache_write = (cached, 0) if hit else (0, cached)
+            else:
+                cached = 0  # below the minimum, caching silently does nothing
         message = {
             "id": "msg_" + uuid.uuid4().hex[:24],
             "type": "message",
@@ -840,10 +1207,10 @@ class FakeAnthropic(_FakeServer):
             "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {
-                "input_tokens": max(1, len(prompt) // 4),
+                "input_tokens": max(1, total - cached),
                 "output_tokens": max(1, len(output) // 4),
-                "cache_read_input_tokens": 0,
-                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": cache_read,
+                "cache_creation_input_tokens": cache_write,
             },
         }
         return Response(
@@ -869,6 +1236,16 @@ def _forced_tool(body: dict) -> str | None:
     return None
 
 
+def _prompt_parts(body: dict) -> list:
+    parts = [body.get("system"), body.get("messages"), body.get("tools")]
+    return [*parts, body["output_config"]] if body.get("output_config") else parts
+
+
+def _json_schema(body: dict) -> dict:
+    fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
+    return (fmt.get("schema") or {}) if fmt.get("type") == "json_schema" else {}
+
+
 def _wants_json(body: dict) -> bool:
     # output_config.format is the GA spelling; output_format the older beta one.
     fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
@@ -887,6 +1264,8 @@ def _request_problem(body: Any) -> str | None:
     if body.get("stream"):
         return "stream: the fake does not stream; call without stream=True"
     choice = body.get("tool_choice") or {}
+    if choice.get("type") in ("tool", "any") and body["model"] in FORCED_TOOL_REFUSED:
+        return f"tool_choice: forced tool use is not supported on {body['model']}"
     if choice.get("type") == "tool":
         names = [t.get("name") for t in body.get("tools") or []]
         if choice.get("name") not in names:

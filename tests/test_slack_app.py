@@ -3,10 +3,17 @@ Slack cannot refuse (issue 9, item 7)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
+import time
+from collections import Counter
 
-from fakes import slack_payload_problem
+import pytest
+from conftest import closed_port
+from fakes import FakeSlackAPI, rss, slack_payload_problem
+from helpers import items, recent, rows, wait_until
 
 import agentwatch
 
@@ -81,3 +88,256 @@ def test_cut_counts_escaped_characters_and_keeps_entities_whole():
             out = agentwatch.cut(text, limit)
             assert len(out) <= limit
             assert mrkdwn_problem(out) is None, (text, limit, out)
+
+
+# -- Slack app mode: exactly once --------------------------------------------
+
+APP = """
+[agentwatch]
+db = "aw.db"
+health = ""
+retry_base = "1s"
+retry_max = "2s"
+max_attempts = {max_attempts}
+
+[llm]
+provider = "none"
+
+[slack]
+bot_token = "${{SLACK_BOT_TOKEN}}"
+channel = "C0TEST123"
+api_url = "{api_url}"
+"""
+
+
+@pytest.fixture
+def slack_api(offline, monkeypatch):
+    """A started FakeSlackAPI; $SLACK_BOT_TOKEN is its token."""
+    with FakeSlackAPI(token="xoxb-test-token-1") as fake:
+        monkeypatch.setenv("SLACK_BOT_TOKEN", fake.token)
+        yield fake
+
+
+def app_config(api, *sources: str, max_attempts: int = 3) -> str:
+    return APP.format(api_url=api.url + "/api", max_attempts=max_attempts) + "".join(sources)
+
+
+def rss_source(name: str, url: str, extra: str = "") -> str:
+    return f'\n[[sources]]\nname = "{name}"\ntype = "rss"\nurl = "{url}"\nevery = "1s"\nbackfill = 20\n{extra}\n'
+
+
+def entry(n: int, title: str) -> dict:
+    return {"title": title, "link": f"https://forum.example/t/{n}", "guid": f"urn:post:{n}",
+            "description": f"Body of post {n}", "pub_date": recent(1)}  # fmt: skip
+
+
+def item_ids_posted(api, channel: str = "C0TEST123") -> list[str]:
+    return [
+        m["metadata"]["event_payload"]["item_id"]
+        for m in api.messages(channel, replies=True)
+        if m.get("metadata", {}).get("event_type") == "agentwatch_item"
+    ]
+
+
+def test_app_mode_posts_each_item_once_with_metadata_naming_it(
+    slack_api, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme <!channel> crashes"), entry(2, "Acme & friends")]))
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    result = run_cli("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    messages = slack_api.messages()
+    assert sorted(item_ids_posted(slack_api)) == ["urn:post:1", "urn:post:2"]
+    for message in messages:
+        assert message["metadata"]["event_payload"]["source"] == "forum"
+        assert "<!channel>" not in json.dumps(message)
+    posts = slack_api.calls_of("chat.postMessage")
+    assert all(c["args"]["unfurl_links"] is False for c in posts)
+    stored = rows(tmp_path / "aw.db", "SELECT * FROM deliveries")
+    assert sorted(d["ts"] for d in stored) == sorted(m["ts"] for m in messages)
+    assert "xoxb-test-token-1" not in result.stderr
+    # A second run finds nothing new and posts nothing, and never needed to look anything up.
+    assert run_cli("run", "--once", config=config).returncode == 0
+    assert len(slack_api.messages()) == 2
+    assert not slack_api.calls_of("conversations.history")
+
+
+def test_kill_9_while_a_post_is_in_flight_delivers_exactly_once(
+    slack_api, feeds, make_config, start_cli, tmp_path
+):
+    """The fake posts the message at once and answers 4 s later; agentwatch is
+    killed in between, so the post happened but its ts was never stored."""
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    db = tmp_path / "aw.db"
+    entries = []
+    for round_ in range(3):
+        entries.append(entry(round_, f"Acme story number {round_}"))
+        feeds.set("/a.xml", rss(entries))
+        slack_api.slow("chat.postMessage", 4.0)
+        proc = start_cli("run", config=config)
+        slack_api.wait_for(lambda n=round_ + 1: len(slack_api.messages()) == n, timeout=20)
+        proc.kill(signal.SIGKILL)
+        proc.wait()
+        (mark,) = rows(db, "SELECT * FROM deliveries WHERE ts IS NULL")
+        assert mark["started_at"], "the posting-started mark was committed before the call"
+
+        slack_api.slow("chat.postMessage", 0.0)
+        proc = start_cli("run", config=config)
+        wait_until(
+            lambda: {r["status"] for r in items(db).values()} == {"done"}, what="all items done"
+        )
+        proc.wait_for_output("was already in Slack .*not posted again")
+        proc.kill(signal.SIGTERM)
+        assert proc.wait() == 0
+        posted = item_ids_posted(slack_api)
+        assert sorted(posted) == sorted(e["guid"] for e in entries), posted
+    assert len(slack_api.calls_of("conversations.history")) == 3
+    stored = rows(db, "SELECT ts FROM deliveries ORDER BY ts")
+    assert [d["ts"] for d in stored] == [m["ts"] for m in slack_api.messages()]
+
+
+def test_a_post_that_failed_ambiguously_is_looked_up_then_sent_once(
+    slack_api, feeds, make_config, run_cli, tmp_path
+):
+    # A 500 does not say whether Slack posted: the retry looks first, finds nothing, posts.
+    slack_api.fail("chat.postMessage", "internal_error", status=500)
+    feeds.set("/a.xml", rss([entry(1, "Acme breaks")]))
+    text = app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml"))
+    config = make_config(text.replace('retry_base = "1s"', 'retry_base = "0s"'))
+    assert run_cli("run", "--once", config=config).returncode == 0  # the retry comes at once
+    assert [c["status"] for c in slack_api.calls_of("chat.postMessage")] == [500, 200]
+    (lookup,) = slack_api.calls_of("conversations.history")
+    assert lookup["args"]["include_all_metadata"] == "true"
+    assert item_ids_posted(slack_api) == ["urn:post:1"]
+
+
+# -- Slack app mode: every Web API error's route ------------------------------
+
+RETRIED = ["ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"]
+DEAD = {
+    "channel_not_found": "channel ID",
+    "not_in_channel": "/invite",
+    "invalid_auth": "bot_token",
+    "missing_scope": "chat:write scope",
+    "account_inactive": "reinstall",
+    "token_revoked": "revoked",
+    "is_archived": "archived",
+    "invalid_blocks": "refused",
+}
+
+
+def call_once(api, tmp_path, method="chat.postMessage", **args):
+    import httpx2
+
+    async def go():
+        async with httpx2.AsyncClient() as http:
+            client = agentwatch.SlackAPI(api.token, api.url + "/api", http, Counter())
+            return await client.call(method, **args)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("code", RETRIED)
+def test_a_passing_slack_error_is_retried(slack_api, tmp_path, code):
+    slack_api.fail("chat.postMessage", code)
+    with pytest.raises(agentwatch.TransientError) as caught:
+        call_once(slack_api, tmp_path, channel="C0TEST123", text="hi")
+    assert caught.value.kind == code
+
+
+@pytest.mark.parametrize("code", sorted(DEAD))
+def test_a_lasting_slack_error_is_dead_lettered_saying_what_to_do(slack_api, tmp_path, code):
+    extra = (
+        {"needed": "chat:write", "provided": "channels:history"} if code == "missing_scope" else {}
+    )
+    slack_api.fail("chat.postMessage", code, **extra)
+    with pytest.raises(agentwatch.PermanentError) as caught:
+        call_once(slack_api, tmp_path, channel="C0TEST123", text="hi")
+    assert caught.value.kind == code
+    assert code in str(caught.value) and DEAD[code] in str(caught.value)
+
+
+def test_429_waits_its_retry_after_and_is_not_an_attempt(slack_api, tmp_path):
+    slack_api.fail("chat.postMessage", "ratelimited", status=429, headers={"Retry-After": "1"})
+    started = time.monotonic()
+    answer = call_once(slack_api, tmp_path, channel="C0TEST123", text="hi")
+    assert answer["ok"] and time.monotonic() - started >= 1.0
+    assert [c["status"] for c in slack_api.calls_of("chat.postMessage")] == [429, 200]
+
+
+def test_garbage_and_5xx_from_the_web_api_are_retried(slack_api, tmp_path):
+    slack_api.fail("chat.postMessage", "x", status=502)
+    with pytest.raises(agentwatch.TransientError, match="502"):
+        call_once(slack_api, tmp_path, channel="C0TEST123", text="hi")
+
+
+def test_not_in_channel_dead_letters_with_the_error_and_a_plain_log_line(
+    slack_api, feeds, make_config, run_cli, tmp_path
+):
+    slack_api.channels["C0TEST123"]["member"] = False
+    slack_api.scopes.discard("chat:write")
+    feeds.set("/a.xml", rss([entry(1, "Acme breaks")]))
+    config = make_config(
+        app_config(
+            slack_api,
+            rss_source("forum", f"{feeds.url}/a.xml"),
+            rss_source("other", f"{feeds.url}/a.xml", extra='slack_channel = "C0OTHER1"'),
+        )
+    )
+    result = run_cli("run", "--once", config=config)
+    assert result.returncode == 0
+    dead = {
+        r["source"]: r
+        for r in rows(tmp_path / "aw.db", "SELECT * FROM items WHERE status = 'dead'")
+    }
+    assert "missing_scope" in dead["forum"]["last_error"]
+    assert "chat:write" in dead["forum"]["last_error"]
+    slack_api.scopes.add("chat:write")
+    run_cli("dlq", "retry", "--all", config=config)
+    result = run_cli("run", "--once", config=config)
+    dead = {
+        r["source"]: r
+        for r in rows(tmp_path / "aw.db", "SELECT * FROM items WHERE status = 'dead'")
+    }
+    assert "not_in_channel" in dead["forum"]["last_error"]
+    assert "channel_not_found" in dead["other"]["last_error"]
+    assert (
+        "Slack app: Slack chat.postMessage: not_in_channel: the app is not in the channel C0TEST123: invite it"
+        in result.stderr
+    )
+    assert dead["forum"]["attempts"] == 1
+    shown = run_cli("dlq", "list", config=config)
+    assert "not_in_channel" in shown.stdout
+
+
+def test_app_mode_config_is_checked(make_config, run_cli, slack_api):
+    bad = make_config(
+        APP.format(api_url="http://x", max_attempts=1).replace('"C0TEST123"', '"#alerts"')
+    )
+    result = run_cli("check", config=bad)
+    assert result.returncode == 2 and "not a channel ID" in result.stderr
+
+
+def test_metrics_count_web_api_calls(slack_api, feeds, make_config, start_cli):
+    import httpx2
+
+    feeds.set("/a.xml", rss([entry(1, "Acme breaks")]))
+    text = app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml"))
+    port = closed_port()
+    config = make_config(text.replace('health = ""', f'health = "127.0.0.1:{port}"'))
+    proc = start_cli("run", config=config)
+    slack_api.wait_for(lambda: slack_api.messages())
+    body = wait_until(
+        lambda: (
+            'method="chat.postMessage",status="200"} 1'
+            in (
+                httpx2.get(f"http://127.0.0.1:{port}/metrics").text
+                if proc.returncode is None
+                else ""
+            )
+        ),
+        what="the metric",
+    )
+    assert body
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
