@@ -3157,6 +3157,13 @@ class Pipeline:
             elif own is not None:
                 fields["summary"], usage = await self.rt.llm.source_stage(row, stage, own, config)
                 outcome = "ok"
+            elif stage == "ingest":
+                # A source stored an item it could not take in properly (a queue entry
+                # delivered past max_deliveries): dead on arrival; `dlq retry` takes it in.
+                reason = json.loads(row["extra"] or "{}").get("dead_letter")
+                if reason and row["failed_at"] is None:
+                    raise PermanentError(reason)
+                outcome = "ok"
             elif stage == "notify":
                 await self.rt.slack.deliver(row, config, dry_run=self.rt.dry_run)
                 if self.rt.dry_run:
