@@ -1512,6 +1512,9 @@ class Source:
     # "report": the type decides itself what is new (url checks).
     first_poll: ClassVar[Literal["baseline", "report"]] = "baseline"
     llm_stages: ClassVar[dict[str, LLMStage]] = {}
+    # True under `agentwatch preview`, which stores nothing: look, do not take
+    # (a queue source peeks at its newest entries instead of consuming them).
+    previewing: bool = False
 
     def __init__(self, config: SourceConfig, settings: Settings, http: Any, shared: dict):
         self.config = config
@@ -4826,6 +4829,7 @@ def preview(
         raise fail(ConfigError("sources", f"no source named {source_name!r} (sources: {names})"))
 
     src = make_source(source_config, cfg.agentwatch, None, {})
+    src.previewing = True
 
     async def fetch() -> list[Item]:
         src.http = make_http_client(cfg.agentwatch)

@@ -43,6 +43,7 @@ from agentwatch import (
 READ_BATCH = 1000  # entries per XREADGROUP / XAUTOCLAIM call
 POLL_ENTRIES = 20_000  # at most this many new entries per poll; the rest wait for the next
 POLL_SECONDS = 2.0  # and at most this long reading them
+PREVIEW_ENTRIES = 20  # what `agentwatch preview` shows
 REDIS_TIMEOUT = 10.0  # seconds for one command or connection
 ITEM_ID_LIMIT = 500
 FIELDS = ("id", "title", "body", "url", "author", "published")
@@ -185,6 +186,10 @@ class RedisStream(Source):
     async def read(self, r: Any) -> list[Item]:
         import redis.exceptions
 
+        if self.previewing:  # `agentwatch preview`: the newest entries, nothing consumed
+            newest = await r.xrevrange(self.options.stream, count=PREVIEW_ENTRIES)
+            return [entry_item(self.options.stream, _text(i), f, self.options.fields)
+                    for i, f in newest]  # fmt: skip
         try:
             return await self.read_entries(r)
         except redis.exceptions.ResponseError as e:

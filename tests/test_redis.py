@@ -282,3 +282,11 @@ def test_entries_past_max_deliveries_are_dead_lettered_at_ingest(
     assert slack.posts() == []
     run_cli("dlq", "retry", str(dead["id"]), config=config)
     wait_until(lambda: titles_posted(slack) == ["entry-9-title"], what="the retried entry")
+
+
+def test_preview_peeks_and_consumes_nothing(run_cli, tmp_path, r, redis_server):
+    r.xadd(STREAM, {"id": "p1", "title": "entry-1-title"})
+    result = run_cli("preview", "events", config=config_for(tmp_path, redis_server.url))
+    assert result.returncode == 0, result.stderr
+    assert "entry-1-title" in result.stdout
+    assert r.xinfo_groups(STREAM) == []  # no group created, nothing pending
