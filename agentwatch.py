@@ -1820,31 +1820,32 @@ _MARKUP = re.compile(
     re.DOTALL,
 )
 _HIDDEN = ("script", "style")  # elements whose content is not text
+_SPACES = re.compile(r"[^\S\0]+")  # whitespace, but not the NUL standing for a break
 
 
 def markup_text(
-    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset = frozenset()
+    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset[str] = frozenset()
 ) -> str:
     """Markup to text in one linear pass over at most HTML_INPUT_LIMIT characters:
-    tags and comments become spaces (a tag named in `breaks` a newline), the
-    content of `hidden` elements is dropped, entities are decoded. Whitespace is
-    left as it was. The machinery of html_to_text and of a page's visible text."""
+    runs of whitespace become one space (in HTML a line break is a space), tags and
+    comments too, except that a tag named in `breaks` becomes a newline; the content
+    of `hidden` elements is dropped; entities are decoded. The machinery of
+    html_to_text and of a page's visible text."""
     import html as html_module
 
-    html = html[:HTML_INPUT_LIMIT]
-    lowered: str | None = None
+    html = html[:HTML_INPUT_LIMIT].replace("\0", "")  # NUL marks a break below
     out, pos = [], 0
     while match := _MARKUP.search(html, pos):
         out.append(html[pos : match.start()])
         name = (match["name"] or "").lower()
-        out.append("\n" if name in breaks else " ")
+        out.append("\0" if name in breaks else " ")
         pos = match.end()
-        if name in hidden and not match["close"]:
-            lowered = lowered or html.lower()
-            end = lowered.find(f"</{name}", pos)
-            pos = len(html) if end < 0 else end
+        if name in hidden and not match["close"]:  # skip to its end tag, or to the end
+            end = re.compile(f"</{name}", re.IGNORECASE).search(html, pos)
+            pos = end.start() if end else len(html)
     out.append(html[pos:])
-    return html_module.unescape("".join(out))
+    text = _SPACES.sub(" ", "".join(out)).replace("\0", "\n")
+    return html_module.unescape(text)
 
 
 def html_to_text(html: str) -> str:
