@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import hmac
 import importlib.util
 import json
 import logging
@@ -300,6 +301,7 @@ class Settings:
     # Bodies and drafts of finished items older than this are cleared daily (their
     # ids stay, so nothing is fetched as new again); 0 keeps everything.
     retention: Duration = Duration(90 * 86400)
+    hooks: str = ""  # POST /hooks/<name> on its own listener; "" = on the health one
 
 
 @dataclass
@@ -504,6 +506,7 @@ def _load_config(path: Path) -> Config:
             raise ConfigError(f"sources[{i}].name", f"{source.name!r} is used twice")
         seen.add(source.name)
         config.sources.append(source)
+    check_hooks(config)
     return config
 
 
@@ -1587,6 +1590,9 @@ class Source:
     # "report": the type decides itself what is new (url checks).
     first_poll: ClassVar[Literal["baseline", "report"]] = "baseline"
     llm_stages: ClassVar[dict[str, LLMStage]] = {}
+    # True under `agentwatch preview`, which stores nothing: look, do not take
+    # (a queue source peeks at its newest entries instead of consuming them).
+    previewing: bool = False
 
     def __init__(self, config: SourceConfig, settings: Settings, http: Any, shared: dict):
         self.config = config
@@ -1892,31 +1898,32 @@ _MARKUP = re.compile(
     re.DOTALL,
 )
 _HIDDEN = ("script", "style")  # elements whose content is not text
+_SPACES = re.compile(r"[^\S\0]+")  # whitespace, but not the NUL standing for a break
 
 
 def markup_text(
-    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset = frozenset()
+    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset[str] = frozenset()
 ) -> str:
     """Markup to text in one linear pass over at most HTML_INPUT_LIMIT characters:
-    tags and comments become spaces (a tag named in `breaks` a newline), the
-    content of `hidden` elements is dropped, entities are decoded. Whitespace is
-    left as it was. The machinery of html_to_text and of a page's visible text."""
+    runs of whitespace become one space (in HTML a line break is a space), tags and
+    comments too, except that a tag named in `breaks` becomes a newline; the content
+    of `hidden` elements is dropped; entities are decoded. The machinery of
+    html_to_text and of a page's visible text."""
     import html as html_module
 
-    html = html[:HTML_INPUT_LIMIT]
-    lowered: str | None = None
+    html = html[:HTML_INPUT_LIMIT].replace("\0", "")  # NUL marks a break below
     out, pos = [], 0
     while match := _MARKUP.search(html, pos):
         out.append(html[pos : match.start()])
         name = (match["name"] or "").lower()
-        out.append("\n" if name in breaks else " ")
+        out.append("\0" if name in breaks else " ")
         pos = match.end()
-        if name in hidden and not match["close"]:
-            lowered = lowered or html.lower()
-            end = lowered.find(f"</{name}", pos)
-            pos = len(html) if end < 0 else end
+        if name in hidden and not match["close"]:  # skip to its end tag, or to the end
+            end = re.compile(f"</{name}", re.IGNORECASE).search(html, pos)
+            pos = end.start() if end else len(html)
     out.append(html[pos:])
-    return html_module.unescape("".join(out))
+    text = _SPACES.sub(" ", "".join(out)).replace("\0", "\n")
+    return html_module.unescape(text)
 
 
 def html_to_text(html: str) -> str:
@@ -3232,6 +3239,13 @@ class Pipeline:
             elif own is not None:
                 fields["summary"], usage = await self.rt.llm.source_stage(row, stage, own, config)
                 outcome = "ok"
+            elif stage == "ingest":
+                # A source stored an item it could not take in properly (a queue entry
+                # delivered past max_deliveries): dead on arrival; `dlq retry` takes it in.
+                reason = json.loads(row["extra"] or "{}").get("dead_letter")
+                if reason and row["failed_at"] is None:
+                    raise PermanentError(reason)
+                outcome = "ok"
             elif stage == "notify":
                 await self.rt.slack.deliver(row, config, dry_run=self.rt.dry_run)
                 if self.rt.dry_run:
@@ -3440,7 +3454,7 @@ POLLS_AT_ONCE = 50  # concurrent polls: a start-up burst never holds 1,000 answe
 START_SPREAD = 60.0  # seconds over which sources overdue at start are spread
 SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 # [agentwatch] keys a SIGHUP cannot change: the process is built on them.
-RESTART_KEYS = ("db", "pidfile", "health")
+RESTART_KEYS = ("db", "pidfile", "health", "hooks")
 
 
 # C0 and C1 controls (ANSI/OSC escapes start with ESC or the 8-bit CSI/OSC),
@@ -3640,6 +3654,8 @@ class Scheduler:
         self.source_tasks: dict[str, asyncio.Task] = {}
         self.poll_slots = asyncio.Semaphore(POLLS_AT_ONCE)
         self.health: HealthServer | None = None
+        self.hooks: Hooks | None = None
+        self.hook_server: HealthServer | None = None  # [agentwatch] hooks, when set
         self.reloads: set[asyncio.Task] = set()
         self.reloading = asyncio.Lock()  # two quick SIGHUPs apply one after the other
         self.retention: asyncio.Task | None = None
@@ -3693,9 +3709,15 @@ class Scheduler:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        if self.config.agentwatch.health:
-            self.health = HealthServer(self.rt, self.config.agentwatch.health)
+        settings = self.config.agentwatch
+        self.hooks = Hooks(self.rt, loop)
+        if settings.health:
+            hooks_here = None if settings.hooks else self.hooks
+            self.health = HealthServer(self.rt, settings.health, hooks=hooks_here)
             await self.health.start()
+        if settings.hooks:
+            self.hook_server = HealthServer(self.rt, settings.hooks, hooks=self.hooks, health=False)
+            await self.hook_server.start()
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
@@ -4002,6 +4024,10 @@ class Scheduler:
         await rt.http.aclose()
         if self.health:
             self.health.stop()
+        if self.hook_server:
+            self.hook_server.stop()
+        if self.hooks:
+            self.hooks.close()
         rt.store.close()
         log.info("agentwatch stopped (pid %d, up %.0fs)", os.getpid(), time.time() - rt.started_at)
 
@@ -4165,6 +4191,10 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
            [({"status": s}, v) for (s,), v in sorted(by("slack_posts").items())])  # fmt: skip
     family("agentwatch_slack_api_calls_total", "counter", "Slack Web API calls, by method and HTTP status.",
            [({"method": m, "status": s}, v) for (m, s), v in sorted(by("slack_api").items())])  # fmt: skip
+    family("agentwatch_webhook_deliveries_total", "counter",
+           "POSTs to /hooks/<source>, by source and HTTP answer.",
+           [({"source": n, "status": s}, v)
+            for (n, s), v in sorted(by("webhook_deliveries").items())])  # fmt: skip
     dlq = sum(n for (_, status), n in counts.items() if status == "dead")
     family("agentwatch_dlq_depth", "gauge", "Items in the dead-letter queue.", [({}, dlq)])
     rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
@@ -4199,9 +4229,14 @@ class HealthServer:
     and HEALTH_MAX_REQUEST bytes of it, so a slow or garbage client costs a
     socket for a few seconds, never the scheduler."""
 
-    def __init__(self, rt: Runtime, address: str):
+    def __init__(
+        self, rt: Runtime, address: str, *, hooks: Hooks | None = None, health: bool = True
+    ):
         self.rt = rt
-        self.host, self.port = parse_host_port(address, "agentwatch.health")
+        self.key = "agentwatch.health" if health else "agentwatch.hooks"
+        self.host, self.port = parse_host_port(address, self.key)
+        self.serve_health = health  # False: the [agentwatch] hooks listener, /hooks/ only
+        self.hooks = hooks  # None: POST /hooks/ is served elsewhere, or nowhere
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Event | None = None
@@ -4214,16 +4249,20 @@ class HealthServer:
         self.thread = threading.Thread(target=self._main, args=(ready,), name="health", daemon=True)
         self.thread.start()
         await asyncio.to_thread(ready.wait)
+        what = "/health" if self.serve_health else "/hooks/"
         if self.error:
             raise AgentwatchError(
-                f"cannot serve /health on {self.host}:{self.port}: {self.error} "
-                '(choose another port in [agentwatch] health, or "" to turn it off)'
+                f"cannot serve {what} on {self.host}:{self.port}: {self.error} "
+                f'(choose another port in [agentwatch] {self.key.split(".")[1]}, or "" to turn it off)'
             )
         import ipaddress
 
         url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
-        log.info("health: %s/health and %s/metrics", url, url)
-        if not ipaddress.ip_address(self.host).is_loopback:
+        if self.serve_health:
+            log.info("health: %s/health and %s/metrics", url, url)
+        if self.hooks is not None:
+            log.info("hooks: POST %s/hooks/<source name>", url)
+        if self.serve_health and not ipaddress.ip_address(self.host).is_loopback:
             log.warning("health: listening beyond this machine on %s:%s; anyone who can reach "
                         "it sees source names and errors", self.host, self.port)  # fmt: skip
 
@@ -4276,7 +4315,11 @@ class HealthServer:
                 await self._send(writer, conn, e.error_status_hint, f"bad request: {e}\n".encode())
                 return
             if request is not None:
-                status, body, content_type, headers = self._answer(request)
+                if self.hooks is not None and request.target.startswith(b"/hooks/"):
+                    status, body, content_type, headers = await self._hook(request, reader,
+                                                                           writer, conn)  # fmt: skip
+                else:
+                    status, body, content_type, headers = self._answer(request)
                 head = request.method == b"HEAD"
                 await self._send(writer, conn, status, body, content_type, headers, head=head)
         except (TimeoutError, ConnectionError, h11.LocalProtocolError):
@@ -4304,6 +4347,9 @@ class HealthServer:
 
     def _answer(self, request: Any) -> tuple[int, bytes, str, dict]:
         path = request.target.split(b"?", 1)[0]
+        if not self.serve_health:
+            body = b"not found: this listener serves POST /hooks/<name>\n"
+            return 404, body, "text/plain; charset=utf-8", {}
         if path not in (b"/health", b"/metrics"):
             return 404, b"not found: try /health or /metrics\n", "text/plain; charset=utf-8", {}
         if request.method not in (b"GET", b"HEAD"):
@@ -4323,6 +4369,61 @@ class HealthServer:
         except sqlite3.Error as e:  # the database is part of being healthy
             body = json.dumps({"status": "error", "error": f"database: {e}"}).encode() + b"\n"
             return 503, body, "application/json", {}
+
+    async def _hook(
+        self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Any
+    ) -> tuple[int, bytes, str, dict]:
+        """POST /hooks/<name>: the checks that need no body, the body within its
+        cap and deadline, then Hooks.deliver."""
+        name = request.target.split(b"?", 1)[0][len(b"/hooks/") :].decode("ascii", "replace")
+        config = self.hooks.source_for(name)
+        if config is None:
+            status, answer, headers = 404, {"error": "no webhook source of that name"}, {}
+        elif request.method != b"POST":
+            status, answer, headers = 405, {"error": "only POST"}, {"Allow": "POST"}
+        else:
+            status, answer, headers = await self._delivery(request, reader, writer, conn, config)
+            self.rt.metrics["webhook_deliveries", name, status] += 1
+        return status, json.dumps(answer).encode() + b"\n", "application/json", headers
+
+    async def _delivery(
+        self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        conn: Any, config: SourceConfig,
+    ) -> tuple[int, dict, dict]:  # fmt: skip
+        import h11
+
+        limit = config.options.max_body
+        headers: dict[str, str] = {}
+        for key, value in request.headers:  # h11 gives lower-case names
+            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        length = headers.get("content-length", "")
+        too_large = {"error": f"the body is larger than max_body ({limit} bytes)"}
+        if length.isdigit() and int(length) > limit and conn.they_are_waiting_for_100_continue:
+            return 413, too_large, {}  # the sender asked first: no need to read it
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] | None = []
+        size = 0
+        async with asyncio.timeout(HOOK_DEADLINE):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    # Past the cap the rest is read and dropped, so the sender
+                    # gets to see the 413 instead of a reset connection.
+                    chunks = chunks if chunks is not None and size <= limit else None
+                    if chunks is not None:
+                        chunks.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # ConnectionClosed: gone before the end of the body
+                    raise ConnectionError("the sender left before the end of its body")
+        if chunks is None:
+            return 413, too_large, {}
+        status, answer = await self.hooks.deliver(config, headers, b"".join(chunks))
+        return status, answer, {}
 
     @staticmethod
     async def _send(
@@ -4345,6 +4446,367 @@ class HealthServer:
         writer.write(data)
         async with asyncio.timeout(HEALTH_DEADLINE):  # a client that does not read is cut off
             await writer.drain()
+
+
+# ###########################################################################
+# ### Webhooks
+# ###########################################################################
+#
+# POST /hooks/<name> is answered by the HTTP thread above. A delivery is
+# verified over its raw bytes, turned into an item, and committed straight into
+# the items table as pending, by one INSERT OR IGNORE on (source, item_id) where
+# the item id is the delivery's id. That one statement is both the commit the
+# 202 promises (a kill -9 right after it loses nothing) and the atomic dedup
+# behind the 200 for a redelivery. The scheduler's tick, woken at once, runs the
+# item like any polled one. So the HTTP thread never waits on the main loop, and
+# the main loop never sees a raw delivery. (An inbox table of raw deliveries
+# would need a consumer, a cursor and a clean-up of bodies up to max_body each,
+# for nothing a refused delivery or a crash needs.)
+
+HOOK_DEADLINE = 10.0  # seconds a sender has for its body (GitHub gives up after 10 s)
+HOOK_FIELDS = ("id", "event", "title", "body", "url", "author", "published")
+# Where each scheme's payloads keep these values, unless `fields` says otherwise.
+# GitHub's own events need none of them (github_item below).
+SCHEME_FIELDS: dict[str, dict[str, str]] = {
+    "github": {},
+    "stripe": {"id": "id", "event": "type", "title": "type", "published": "created"},
+    "slack": {"id": "event_id", "event": "event.type", "title": "event.type",
+              "body": "event.text", "author": "event.user", "published": "event_time"},
+    "hmac": {"id": "id", "event": "type", "title": "title", "body": "body", "url": "url",
+             "author": "author", "published": "published"},
+}  # fmt: skip
+GITHUB_EVENTS = ("issues", "issue_comment", "pull_request", "discussion",
+                 "discussion_comment", "release")  # fmt: skip
+
+
+@source("webhook")
+class WebhookSource(Source):
+    """Deliveries POSTed to /hooks/<name>. The HTTP thread stores them as they
+    arrive, so a poll has nothing to fetch."""
+
+    @dataclass(frozen=True)
+    class Options:
+        secret: Secret
+        signature: Literal["github", "stripe", "slack", "hmac"] = "github"
+        events: list[str] = field(default_factory=list)
+        header: str = "X-Signature"  # signature = "hmac" only
+        prefix: str = "sha256="  # signature = "hmac" only
+        fields: dict[str, str] = field(default_factory=dict)
+        tolerance: Duration = Duration(300)
+        max_body: ByteSize = ByteSize(1_000_000)
+
+        def __post_init__(self):
+            if not self.secret:
+                raise ValueError("secret must not be empty (the key deliveries are signed with)")
+            unknown = sorted(set(self.fields) - set(HOOK_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"fields: unknown {', '.join(unknown)} (known: {', '.join(HOOK_FIELDS)})"
+                )
+            if not self.header.strip():
+                raise ValueError("header must name the signature header")
+
+    async def poll(self) -> list[Item]:
+        return []
+
+    def describe(self) -> str:
+        return f"POST /hooks/{self.name} (signature {self.options.signature})"
+
+
+def check_hooks(config: Config) -> None:
+    """A webhook source needs a listener; the hooks one must not share a port with /health."""
+    settings = config.agentwatch
+    if settings.hooks:
+        hooks = parse_host_port(settings.hooks, "agentwatch.hooks")
+        if settings.health and hooks == parse_host_port(settings.health, "agentwatch.health"):
+            raise ConfigError("agentwatch.hooks", 'is the health address: use "" to share it')
+    webhooks = [s.name for s in config.sources if s.type == "webhook"]
+    if webhooks and not (settings.hooks or settings.health):
+        raise ConfigError(
+            "agentwatch.hooks",
+            f"webhook source {webhooks[0]!r} needs a listener: set hooks (or health)",
+        )
+
+
+def _hex_hmac(secret: str, message: bytes) -> str:
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _signed(given: str, prefix: str, expected_hex: str) -> bool:
+    """Constant-time comparison of `<prefix><hex>`; hex digits in either case."""
+    if not given.startswith(prefix):
+        return False
+    digits = given[len(prefix) :].strip().lower().encode("latin-1", "replace")
+    return hmac.compare_digest(digits, expected_hex.encode())
+
+
+def _stale(timestamp: str, now: float, tolerance: float) -> str:
+    try:
+        age = now - int(timestamp.strip())
+    except ValueError:
+        return f"the signed timestamp {timestamp[:20]!r} is not a number"
+    if abs(age) > tolerance:
+        return f"the signed timestamp is {abs(age):.0f}s {'old' if age > 0 else 'ahead'} (tolerance {tolerance:g}s)"
+    return ""
+
+
+def verify_signature(options: Any, headers: dict[str, str], body: bytes, now: float) -> str:
+    """Why `body` was not signed with the source's secret (the 401's text), or ""
+    when it was. `headers` has lower-case names. Only the signature headers are read."""
+    secret, scheme = options.secret, options.signature
+    if scheme in ("github", "hmac"):
+        name = "x-hub-signature-256" if scheme == "github" else options.header.lower()
+        prefix = "sha256=" if scheme == "github" else options.prefix
+        given = headers.get(name)
+        if not given:
+            return f"no {name} header"
+        return "" if _signed(given, prefix, _hex_hmac(secret, body)) else f"wrong {name}"
+    if scheme == "stripe":
+        given = headers.get("stripe-signature")
+        if not given:
+            return "no stripe-signature header"
+        pairs = [part.strip().partition("=") for part in given.split(",")]
+        timestamps = [v for k, _, v in pairs if k == "t"]
+        signatures = [v for k, _, v in pairs if k == "v1"]
+        if not timestamps or not signatures:
+            return "stripe-signature has no t= or no v1="
+        expected = _hex_hmac(secret, timestamps[0].encode() + b"." + body)
+        # Several v1= while a secret is being rotated: any one of them will do.
+        if not any(_signed(s, "", expected) for s in signatures):
+            return "wrong stripe-signature"
+        return _stale(timestamps[0], now, options.tolerance)
+    given, timestamp = headers.get("x-slack-signature"), headers.get("x-slack-request-timestamp")
+    if not given or not timestamp:
+        return "no x-slack-signature or x-slack-request-timestamp header"
+    expected = _hex_hmac(secret, b"v0:" + timestamp.encode("latin-1", "replace") + b":" + body)
+    if not _signed(given, "v0=", expected):
+        return "wrong x-slack-signature"
+    return _stale(timestamp, now, options.tolerance)
+
+
+def dotted(payload: Any, path: str) -> Any:
+    """payload["a"]["b"] for "a.b"; a number indexes a list; None where it is missing."""
+    value = payload
+    for part in path.split(".") if path else ():
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def parse_published(value: Any) -> float | None:
+    """Epoch seconds (milliseconds when it is that large), or ISO 8601; None otherwise."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                return None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            return parsed.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def github_item(event: str, payload: dict) -> Item | None:
+    """An item for GitHub's own events (title, body, link, author from the payload);
+    None for the others. The item id is filled in by the caller."""
+    repo = dotted(payload, "repository.full_name") or ""
+    action = payload.get("action") or ""
+    key, what, obj = {
+        "issues": ("issue", "issue", payload.get("issue")),
+        "pull_request": ("pull_request", "pull request", payload.get("pull_request")),
+        "discussion": ("discussion", "discussion", payload.get("discussion")),
+        "issue_comment": ("issue", "comment", payload.get("comment")),
+        "discussion_comment": ("discussion", "discussion comment", payload.get("comment")),
+        "release": ("release", "release", payload.get("release")),
+    }.get(event, (None, None, None))
+    if not isinstance(obj, dict):
+        return None
+    parent = payload.get(key) if isinstance(payload.get(key), dict) else obj
+    if event == "release":
+        title = f"{repo} release {action}: {obj.get('name') or obj.get('tag_name') or ''}"
+        published = obj.get("published_at") or obj.get("created_at")
+    else:
+        title = f"{repo}#{parent.get('number', '')} {what} {action}: {parent.get('title') or ''}"
+        published = obj.get("updated_at") or obj.get("created_at")
+    return Item(
+        item_id="",
+        title=title,
+        url=_text(obj.get("html_url")),  # a comment links to the comment itself
+        author=_text(
+            dotted(obj, "user.login")
+            or dotted(obj, "author.login")
+            or dotted(payload, "sender.login")
+        ),
+        published_at=parse_published(published),
+        body=_text(obj.get("body")),
+        kind="comment" if what.endswith("comment") else key,
+        extra={
+            "event": event,
+            "action": action,
+            "repository": repo,
+            "number": parent.get("number"),
+        },
+    )
+
+
+def _event_matches(name: str, accepted: list[str]) -> bool:
+    """An entry "issues" accepts "issues.opened"; "issues.opened" only that action."""
+    return not accepted or any(name == e or name.startswith(e + ".") for e in accepted)
+
+
+def webhook_item(options: Any, headers: dict[str, str], payload: dict, body: bytes) -> Item | str:
+    """The item a verified delivery becomes, or why it becomes none (the 200's reason)."""
+    fields = {**SCHEME_FIELDS[options.signature], **options.fields}
+    github = options.signature == "github"
+    event = headers.get("x-github-event", "") if github else ""
+    if github:
+        if event == "ping":
+            return "ping"
+        action = payload.get("action")
+        name = f"{event}.{action}" if isinstance(action, str) and action else event
+    else:
+        name = _text(dotted(payload, fields.get("event", "")))
+    if not _event_matches(name, options.events):
+        return f"event {name or '(none)'} is not in events"
+    item = github_item(event, payload) if github else None
+    if item is None:
+        title = _text(dotted(payload, fields.get("title", "")))
+        if not title and github:
+            title = f"{dotted(payload, 'repository.full_name') or 'GitHub'} {name}"
+        url = dotted(payload, fields.get("url", ""))
+        if url is None and github:
+            url = dotted(payload, "repository.html_url")
+        author = dotted(payload, fields.get("author", ""))
+        if author is None and github:
+            author = dotted(payload, "sender.login")
+        text = dotted(payload, fields.get("body", ""))
+        item = Item(
+            item_id="",
+            title=title or f"{name or 'webhook'} delivery",
+            url=_text(url),
+            author=_text(author),
+            published_at=parse_published(dotted(payload, fields.get("published", ""))),
+            # Without a body field the whole payload is the text the LLM reads.
+            body=_text(text) if text is not None else body.decode("utf-8", "replace"),
+            kind=name.split(".")[0] if github else "delivery",
+            extra={"event": name},
+        )
+    # The delivery's own id, so a redelivery is recognised: GitHub's delivery GUID,
+    # else the payload's id field (Stripe's event id, Slack's event_id), else a hash.
+    delivery = headers.get("x-github-delivery") if github else None
+    delivery = delivery or _text(dotted(payload, fields.get("id", ""))).strip()
+    if not delivery or len(delivery) > 200:
+        delivery = "sha256:" + hashlib.sha256(body).hexdigest()
+    item.item_id = delivery
+    return item
+
+
+class Hooks:
+    """What the HTTP thread needs to take deliveries: the runtime (for the config,
+    read once per request), the main loop (to wake the scheduler) and a writer
+    thread with its own SQLite connection, so a write that waits for the lock
+    does not hold up /health on the HTTP loop."""
+
+    def __init__(self, rt: Runtime, main_loop: asyncio.AbstractEventLoop):
+        import concurrent.futures
+
+        self.rt = rt
+        self.main_loop = main_loop
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hooks-db")
+        self.db: sqlite3.Connection | None = None  # used only on the writer thread
+
+    def close(self) -> None:
+        self.writer.submit(self._close_db)
+        self.writer.shutdown(wait=True)
+
+    def _close_db(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def source_for(self, name: str) -> SourceConfig | None:
+        found = self.rt.config.sources_by_name.get(name)
+        return found if found is not None and found.type == "webhook" else None
+
+    async def deliver(
+        self, config: SourceConfig, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict]:
+        """Answer one POST whose body has been read in full: (status, JSON body)."""
+        options, name = config.options, config.name
+        problem = verify_signature(options, headers, body, time.time())
+        if problem:
+            log.warning("webhook %s: delivery refused (401): %s", name, problem)
+            return 401, {"error": f"signature check failed: {problem}"}
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return 400, {"error": f"the body is not JSON: {e}"}
+        if not isinstance(payload, dict):
+            return 400, {"error": "the body is JSON but not an object"}
+        if options.signature == "slack" and payload.get("type") == "url_verification":
+            return 200, {"challenge": _text(payload.get("challenge"))}
+        item = webhook_item(options, headers, payload, body)
+        if isinstance(item, str):
+            log.info("webhook %s: %s, nothing stored", name, item)
+            return 200, {"result": "pong" if item == "ping" else "ignored", "reason": item}
+        try:
+            validate_items([item], name)  # the boundary every polled item passes too
+        except PermanentError as e:
+            return 400, {"error": str(e)}
+        src = self.rt.sources.get(name) or make_source(config, self.rt.config.agentwatch, None, {})
+        (row,) = admit(
+            config, [item], set(), first_poll=False, baseline=False,
+            max_age=self.rt.config.agentwatch.max_age, stages=src.stages, now=time.time(),
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self.writer, self._store, name, row)
+        if not stored:
+            log.info("webhook %s: delivery %s is already stored (200)", name, item.item_id)
+            return 200, {"result": "duplicate", "id": item.item_id}
+        log.info("webhook %s: delivery %s stored (%s)", name, item.item_id,
+                 row["note"] or "pending")  # fmt: skip
+        self.rt.last_event_at = time.time()
+        if row["status"] == "pending":
+            with contextlib.suppress(RuntimeError):  # the main loop is closing
+                self.main_loop.call_soon_threadsafe(self.rt.wake.set)
+        return 202, {"result": "accepted", "id": item.item_id}
+
+    def _store(self, source: str, row: dict) -> bool:
+        """One INSERT OR IGNORE: True when this delivery was not stored before."""
+        if self.db is None:
+            self.db = sqlite3.connect(self.rt.store.path, isolation_level=None, timeout=10)
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            # FULL: the 202 tells the sender not to send it again, so it must
+            # survive a power cut, not only a crash of the process.
+            self.db.execute("PRAGMA synchronous = FULL")
+        now = time.time()
+        cursor = self.db.execute(
+            """INSERT OR IGNORE INTO items (source, item_id, title, url, author, published_at,
+               body, kind, extra, stages, stage, status, note, next_attempt_at, created_at,
+               updated_at) VALUES (:source, :item_id, :title, :url, :author, :published_at,
+               :body, :kind, :extra, :stages, :stage, :status, :note, :next_attempt_at,
+               :created_at, :created_at)""",
+            {**row, "source": source, "created_at": now},
+        )
+        return cursor.rowcount == 1
 
 
 # ###########################################################################
@@ -4607,6 +5069,7 @@ def preview(
         raise fail(ConfigError("sources", f"no source named {source_name!r} (sources: {names})"))
 
     src = make_source(source_config, cfg.agentwatch, None, {})
+    src.previewing = True
 
     async def fetch() -> list[Item]:
         src.http = make_http_client(cfg.agentwatch)
