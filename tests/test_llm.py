@@ -274,10 +274,13 @@ def test_feedback_examples_reach_later_classifications_of_that_source_first(
     assert first.returncode == 0, first.stderr
     assert run_cli("feedback", meetup, "irrelevant", config=config).returncode == 0
     assert run_cli("feedback", stock, "irrelevant", config=config).returncode == 0
-    assert rows(db, "SELECT item_row, verdict, origin FROM feedback ORDER BY item_row") == [
-        {"item_row": meetup, "verdict": "irrelevant", "origin": "cli"},  # the latest wins
-        {"item_row": stock, "verdict": "irrelevant", "origin": "cli"},
-    ]
+    assert rows(db, "SELECT item_row, verdict, origin FROM feedback ORDER BY item_row") == sorted(
+        [
+            {"item_row": meetup, "verdict": "irrelevant", "origin": "cli"},  # the latest wins
+            {"item_row": stock, "verdict": "irrelevant", "origin": "cli"},
+        ],
+        key=lambda r: r["item_row"],
+    )
     assert run_cli("feedback", 9999, "relevant", config=config).returncode == 1
     assert run_cli("feedback", meetup, "maybe", config=config).returncode == 2
 
@@ -311,7 +314,7 @@ def test_no_tokens_for_baseline_items_duplicates_and_restarts(
 # -- knowing the cost -------------------------------------------------------
 
 
-def test_estimate_calls_no_llm_and_imports_no_sdk(
+def test_estimate_calls_no_llm_imports_no_sdk_and_needs_no_secrets(
     slack, anthropic_fake, feeds, make_config, run_cli, tmp_path
 ):
     feeds.set("/a.xml", rss(QUESTIONS))
@@ -322,7 +325,8 @@ def test_estimate_calls_no_llm_and_imports_no_sdk(
 
     # Three items today, a source a day old at most: 3 items a day, each paying
     # what today's did (same models, same prices).
-    result = run_cli("estimate", config=config)
+    # The webhook's ${VAR} unset: estimate only reads.
+    result = run_cli("estimate", config=config, env={"SLACK_WEBHOOK_URL": None})
     assert result.returncode == 0, result.stderr
     assert anthropic_fake.calls() == 0
     out = result.stdout
