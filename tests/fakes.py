@@ -941,6 +941,43 @@ def default_drafter(request_json: dict) -> str:
     return "Thanks for the report — we're on it. (draft)"
 
 
+def default_grounding(request_json: dict) -> tuple[str, str]:
+    """(file, heading) a structured draft says it relied on; ("", "") = not covered."""
+    return "", ""
+
+
+def _prompt_tokens(parts: list) -> int:
+    # Plausible counts: about four characters a token.
+    return max(1, len(json.dumps(parts)) // 4)
+
+
+def _cached_prefix(body: dict) -> list | None:
+    """The request up to and including its last `cache_control` block, in the
+    API's order (tools, system, messages); None when nothing is marked."""
+    parts: list = []
+    marked = None
+    for tool in body.get("tools") or []:
+        parts.append(tool)
+        if isinstance(tool, dict) and tool.get("cache_control"):
+            marked = len(parts)
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        parts.append(block)
+        if isinstance(block, dict) and block.get("cache_control"):
+            marked = len(parts)
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else [content]:
+            parts.append([message.get("role"), block])
+            if isinstance(block, dict) and block.get("cache_control"):
+                marked = len(parts)
+    return parts[:marked] if marked else None
+
+
+# Models that answer a forced tool_choice with 400 (Anthropic's migration guides).
+FORCED_TOOL_REFUSED = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1")
+
+
 def _anthropic_error(status: int, kind: str, message: str, headers: dict | None = None) -> Response:
     body = {
         "type": "error",
@@ -969,7 +1006,16 @@ class FakeAnthropic(_FakeServer):
       stop_reason "tool_use". Kind "classify".
     - structured output (`output_config.format.type == "json_schema"`): a text
       block with the classifier's result as JSON; stop_reason "end_turn". Kind "classify".
+      A schema with a "reply" property is a draft: {"reply": fake.drafter(...),
+      "file": ..., "heading": ...} from `fake.grounding(request_json)`. Kind "text".
     - anything else: a text block `fake.drafter(request_json)`. Kind "text".
+    - forced tool use on a model in FORCED_TOOL_REFUSED: 400, as the real API answers.
+
+    Prompt caching: the request up to its last `cache_control` block is the cached
+    prefix. When it is at least `cache_min_tokens` long, the first request with it
+    reports `cache_creation_input_tokens`, later ones `cache_read_input_tokens`
+    (and `input_tokens` counts only the rest). `POST /v1/messages/count_tokens`
+    answers {"input_tokens": N}, counted the same way, for the SDK's token counting.
 
     Faults, queued with `script([...], kind=None)` (one per request, a kind's own
     queue before the shared one) or for every request with `set_default_fault`:
@@ -991,6 +1037,9 @@ class FakeAnthropic(_FakeServer):
         self.api_key = api_key
         self.classifier: Callable[[dict], dict] = default_classifier
         self.drafter: Callable[[dict], str] = default_drafter
+        self.grounding: Callable[[dict], tuple[str, str]] = default_grounding
+        self.cache_min_tokens = 512  # claude-haiku-5-5 and claude-sonnet-5-5's minimum
+        self._cache: set[str] = set()
         self._requests: list[dict] = []
         self._scripts: dict[str | None, deque] = {}
         self._default_faults: dict[str | None, tuple | None] = {}
@@ -1017,7 +1066,9 @@ class FakeAnthropic(_FakeServer):
             self._requests.clear()
             self._scripts.clear()
             self._default_faults.clear()
+            self._cache.clear()
         self.classifier, self.drafter = default_classifier, default_drafter
+        self.grounding = default_grounding
 
     # -- reading -----------------------------------------------------------
 
@@ -1055,7 +1106,8 @@ class FakeAnthropic(_FakeServer):
     # -- serving -----------------------------------------------------------
 
     def _handle(self, request: Request) -> Response:
-        if request.method != "POST" or request.path != "/v1/messages":
+        counting = request.path == "/v1/messages/count_tokens"
+        if request.method != "POST" or (request.path != "/v1/messages" and not counting):
             return _anthropic_error(404, "not_found_error", f"Not found: {request.path}")
         key = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization", "")
@@ -1069,10 +1121,19 @@ class FakeAnthropic(_FakeServer):
             body = request.json()
         except ValueError:
             return _anthropic_error(400, "invalid_request_error", "request body is not JSON")
+        if counting:
+            if not isinstance(body, dict) or "model" not in body or "messages" not in body:
+                return _anthropic_error(
+                    400, "invalid_request_error", "model and messages are required"
+                )
+            tokens = _prompt_tokens(_prompt_parts(body))
+            return Response(200, json.dumps({"input_tokens": tokens}).encode(),
+                            {"Content-Type": "application/json"})  # fmt: skip
         if problem := _request_problem(body):
             return _anthropic_error(400, "invalid_request_error", problem)
 
-        kind = "classify" if (_forced_tool(body) or _wants_json(body)) else "text"
+        drafting = "reply" in (_json_schema(body).get("properties") or {})
+        kind = "classify" if (_forced_tool(body) or _wants_json(body)) and not drafting else "text"
         with self._cond:
             queue = self._scripts.get(kind) or self._scripts.get(None)
             if queue:
@@ -1108,7 +1169,10 @@ class FakeAnthropic(_FakeServer):
 
         tool = _forced_tool(body)
         result = None
-        if kind == "classify":
+        if _wants_json(body) and kind == "text":  # a structured draft
+            file, heading = self.grounding(body)
+            result = {"reply": self.drafter(body), "file": file, "heading": heading}
+        elif kind == "classify":
             result = {"relevant": "maybe"} if name == "bad_tool_input" else self.classifier(body)
         if tool:
             content = [
@@ -1121,11 +1185,21 @@ class FakeAnthropic(_FakeServer):
             ]
             stop_reason, output = "tool_use", json.dumps(result)
         else:
-            output = json.dumps(result) if kind == "classify" else self.drafter(body)
+            output = json.dumps(result) if result is not None else self.drafter(body)
             content = [{"type": "text", "text": output}]
             stop_reason = "end_turn"
-        # Plausible counts: about four characters a token.
-        prompt = json.dumps([body.get("system"), body.get("messages"), body.get("tools")])
+        total = _prompt_tokens(_prompt_parts(body))
+        cached = cache_read = cache_write = 0
+        if (prefix := _cached_prefix(body)) is not None:
+            cached = _prompt_tokens(prefix)
+            if cached >= self.cache_min_tokens:
+                key = hashlib.sha256(json.dumps([body["model"], prefix]).encode()).hexdigest()
+                with self._cond:
+                    hit = key in self._cache
+                    self._cache.add(key)
+                cache_read, cache_write = (cached, 0) if hit else (0, cached)
+            else:
+                cached = 0  # below the minimum, caching silently does nothing
         message = {
             "id": "msg_" + uuid.uuid4().hex[:24],
             "type": "message",
@@ -1135,10 +1209,10 @@ class FakeAnthropic(_FakeServer):
             "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {
-                "input_tokens": max(1, len(prompt) // 4),
+                "input_tokens": max(1, total - cached),
                 "output_tokens": max(1, len(output) // 4),
-                "cache_read_input_tokens": 0,
-                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": cache_read,
+                "cache_creation_input_tokens": cache_write,
             },
         }
         return Response(
@@ -1164,6 +1238,16 @@ def _forced_tool(body: dict) -> str | None:
     return None
 
 
+def _prompt_parts(body: dict) -> list:
+    parts = [body.get("system"), body.get("messages"), body.get("tools")]
+    return [*parts, body["output_config"]] if body.get("output_config") else parts
+
+
+def _json_schema(body: dict) -> dict:
+    fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
+    return (fmt.get("schema") or {}) if fmt.get("type") == "json_schema" else {}
+
+
 def _wants_json(body: dict) -> bool:
     # output_config.format is the GA spelling; output_format the older beta one.
     fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
@@ -1182,6 +1266,8 @@ def _request_problem(body: Any) -> str | None:
     if body.get("stream"):
         return "stream: the fake does not stream; call without stream=True"
     choice = body.get("tool_choice") or {}
+    if choice.get("type") in ("tool", "any") and body["model"] in FORCED_TOOL_REFUSED:
+        return f"tool_choice: forced tool use is not supported on {body['model']}"
     if choice.get("type") == "tool":
         names = [t.get("name") for t in body.get("tools") or []]
         if choice.get("name") not in names:

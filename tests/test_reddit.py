@@ -411,6 +411,25 @@ def test_a_burst_of_more_than_100_new_items_is_paged_through(reddit):
     assert ids(again) == ids(found)[:100]  # nothing new: one page, already known
 
 
+def test_a_burst_into_a_listing_that_was_empty_is_paged_through(reddit):
+    """Issue 9, item 14: "never polled" and "polled, found nothing" differ. A quiet
+    listing that then gets 250 new comments between two polls yields all 250,
+    not only the newest page."""
+    comments = reddit.listing("/r/acme/comments")
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source(**options(reddit, subreddit="acme", comments=True, query="zzz"))
+            baseline = await h.poll(src)
+            burst = comments_at(250, 2_000_000)
+            comments.add(*burst)
+            return baseline, burst, await h.poll(src)
+
+    baseline, burst, found = run(scenario())
+    assert [i for i in baseline if i.kind == "comment"] == []
+    assert {t["data"]["name"] for t in burst} == {i.item_id for i in found if i.kind == "comment"}
+
+
 def test_paging_is_bounded(reddit, caplog):
     comments = reddit.listing("/r/acme/comments")
     comments.add(*comments_at(5, 1_000_000))

@@ -237,7 +237,8 @@ def test_item_text_cannot_close_the_data_delimiter():
 def test_costs_use_configured_then_family_prices():
     settings = agentwatch.LLMSettings(prices={"my-model": agentwatch.Price(2.0, 4.0)})
     assert agentwatch.price_of(settings, "my-model").output == 4.0
-    assert agentwatch.price_of(settings, "claude-haiku-5-5").input == 1.0
+    assert agentwatch.price_of(settings, "claude-haiku-5-5").input == 0.10  # its list price
+    assert agentwatch.price_of(settings, "claude-haiku-4-5").input == 1.0  # the family's
     assert agentwatch.price_of(settings, "mystery").input == 0.0
 
 
