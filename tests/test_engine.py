@@ -269,7 +269,7 @@ class CountingLLM:
     def __init__(self):
         self.calls = 0
 
-    async def classify(self, row):
+    async def classify(self, row, *context):
         self.calls += 1
         result = {"relevant": True, "sentiment": "neutral", "intent": "other",
                   "urgency": "low", "summary": "s"}  # fmt: skip
