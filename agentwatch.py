@@ -47,7 +47,7 @@ import tomllib
 import types
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -285,6 +285,9 @@ class Settings:
     pidfile: str = "agentwatch.pid"
     max_age: Duration = Duration(2 * 86400)
     plugins: list[str] = field(default_factory=list)
+    # Bodies and drafts of finished items older than this are cleared daily (their
+    # ids stay, so nothing is fetched as new again); 0 keeps everything.
+    retention: Duration = Duration(90 * 86400)
 
 
 @dataclass
@@ -490,6 +493,8 @@ def _check_settings(settings: Settings, llm: LLMSettings) -> None:
         raise ConfigError("agentwatch.max_attempts", "must be at least 1")
     if settings.fetch_timeout < 1:
         raise ConfigError("agentwatch.fetch_timeout", "must be at least 1s")
+    if 0 < settings.retention < 86400:  # `retention = 90` is 90 seconds, not days
+        raise ConfigError("agentwatch.retention", 'must be 0 (keep everything) or at least "1d"')
     if settings.health:
         parse_host_port(settings.health, "agentwatch.health")
     if llm.concurrency < 1:
@@ -731,6 +736,39 @@ CREATE TABLE feedback (
 CREATE INDEX feedback_at ON feedback (at);
 """)
 
+# A year of use stores a million items. What /health, /metrics, `status` and the
+# retention job read must not grow with that: counts of items by (stage, status)
+# kept by triggers (exact whichever process or code path writes), today's counts
+# from a covering index, and the finished items whose texts can still be cleared
+# from a partial index (a cleared item leaves it).
+MIGRATIONS.append("""
+CREATE TABLE item_counts (
+    stage   TEXT NOT NULL,
+    status  TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (stage, status)
+) WITHOUT ROWID;
+INSERT INTO item_counts (stage, status, n)
+    SELECT stage, status, COUNT(*) FROM items GROUP BY stage, status;
+CREATE TRIGGER item_counts_insert AFTER INSERT ON items BEGIN
+    INSERT INTO item_counts (stage, status, n) VALUES (NEW.stage, NEW.status, 1)
+        ON CONFLICT (stage, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER item_counts_delete AFTER DELETE ON items BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE stage = OLD.stage AND status = OLD.status;
+END;
+CREATE TRIGGER item_counts_update AFTER UPDATE OF stage, status ON items
+WHEN OLD.stage IS NOT NEW.stage OR OLD.status IS NOT NEW.status BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE stage = OLD.stage AND status = OLD.status;
+    INSERT INTO item_counts (stage, status, n) VALUES (NEW.stage, NEW.status, 1)
+        ON CONFLICT (stage, status) DO UPDATE SET n = n + 1;
+END;
+DROP INDEX items_created;
+CREATE INDEX items_created ON items (created_at, status);
+CREATE INDEX items_retained ON items (created_at)
+    WHERE status IN ('done', 'skipped', 'seen', 'dropped') AND (body != '' OR draft IS NOT NULL);
+""")
+
 # Slack app mode: one thread per story. Several keys (a Reddit post, a link) may
 # name one story; each row maps a key to the story's first message.
 MIGRATIONS.append("""
@@ -753,6 +791,32 @@ def utc_midnight(now: float | None = None) -> float:
     return dt.datetime.combine(today, dt.time(), dt.UTC).timestamp()
 
 
+def sql_statements(script: str) -> Iterator[str]:
+    """A script's statements, one at a time: a trigger's body holds semicolons of
+    its own, so a piece ends only where SQLite says the statement is complete."""
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip("; \n\t"):
+                yield statement
+            statement = ""
+
+
+def item_counts(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """Stored items by (next stage, status), from the counts the triggers keep:
+    a few rows read whatever the number of items."""
+    rows = db.execute("SELECT stage, status, n FROM item_counts WHERE n > 0 ORDER BY 1, 2")
+    return {(stage, status): n for stage, status, n in rows}
+
+
+def counts_by_status(db: sqlite3.Connection) -> dict[str, int]:
+    totals: Counter = Counter()
+    for (_, status), n in item_counts(db).items():
+        totals[status] += n
+    return dict(totals)
+
+
 class Store:
     """SQLite in WAL mode; every write is one short explicit transaction."""
 
@@ -763,6 +827,10 @@ class Store:
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute("PRAGMA busy_timeout = 5000")
+            # Only a new, empty file takes this (it must come before WAL and the
+            # first table): the pages retention frees are then given back to the
+            # filesystem. An older database keeps reusing them; README, "Retention".
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             # The PRAGMA answers the mode it got: a filesystem without shared memory
             # (NFS, some containers) keeps the rollback journal, where readers and
             # the writer block each other.
@@ -806,9 +874,8 @@ class Store:
             for number, script in enumerate(MIGRATIONS, 1):
                 if number in done:
                     continue
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in sql_statements(script):
+                    db.execute(statement)
                 db.execute("INSERT INTO migrations VALUES (?, ?)", (number, time.time()))
 
     # --- sources -------------------------------------------------------------
@@ -944,14 +1011,18 @@ class Store:
         ).fetchone()
 
     def item_counts_since(self, since: float) -> dict[str, int]:
+        # Without statistics the planner would rather walk items_due in status order
+        # (no sort) than read the day's range: name the index, so this costs what
+        # the day brought, not what the year stored.
         rows = self.db.execute(
-            "SELECT status, COUNT(*) FROM items WHERE created_at >= ? GROUP BY status", (since,)
+            """SELECT status, COUNT(*) FROM items INDEXED BY items_created
+               WHERE created_at >= ? GROUP BY status""",
+            (since,),
         )
         return dict(rows.fetchall())
 
     def stage_counts(self) -> dict[tuple[str, str], int]:
-        rows = self.db.execute("SELECT stage, status, COUNT(*) FROM items GROUP BY stage, status")
-        return {(stage, status): n for stage, status, n in rows}
+        return item_counts(self.db)
 
     # --- deliveries (Slack app mode) -------------------------------------------
 
@@ -1079,7 +1150,7 @@ class Store:
         ).fetchall()
 
     def dlq_depth(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM items WHERE status = 'dead'").fetchone()[0]
+        return counts_by_status(self.db).get("dead", 0)
 
     def dlq_retry(self, ids: list[int] | None) -> int:
         """Back to pending at the stage that failed, attempts reset, due now."""
@@ -1797,31 +1868,32 @@ _MARKUP = re.compile(
     re.DOTALL,
 )
 _HIDDEN = ("script", "style")  # elements whose content is not text
+_SPACES = re.compile(r"[^\S\0]+")  # whitespace, but not the NUL standing for a break
 
 
 def markup_text(
-    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset = frozenset()
+    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset[str] = frozenset()
 ) -> str:
     """Markup to text in one linear pass over at most HTML_INPUT_LIMIT characters:
-    tags and comments become spaces (a tag named in `breaks` a newline), the
-    content of `hidden` elements is dropped, entities are decoded. Whitespace is
-    left as it was. The machinery of html_to_text and of a page's visible text."""
+    runs of whitespace become one space (in HTML a line break is a space), tags and
+    comments too, except that a tag named in `breaks` becomes a newline; the content
+    of `hidden` elements is dropped; entities are decoded. The machinery of
+    html_to_text and of a page's visible text."""
     import html as html_module
 
-    html = html[:HTML_INPUT_LIMIT]
-    lowered: str | None = None
+    html = html[:HTML_INPUT_LIMIT].replace("\0", "")  # NUL marks a break below
     out, pos = [], 0
     while match := _MARKUP.search(html, pos):
         out.append(html[pos : match.start()])
         name = (match["name"] or "").lower()
-        out.append("\n" if name in breaks else " ")
+        out.append("\0" if name in breaks else " ")
         pos = match.end()
-        if name in hidden and not match["close"]:
-            lowered = lowered or html.lower()
-            end = lowered.find(f"</{name}", pos)
-            pos = len(html) if end < 0 else end
+        if name in hidden and not match["close"]:  # skip to its end tag, or to the end
+            end = re.compile(f"</{name}", re.IGNORECASE).search(html, pos)
+            pos = end.start() if end else len(html)
     out.append(html[pos:])
-    return html_module.unescape("".join(out))
+    text = _SPACES.sub(" ", "".join(out)).replace("\0", "\n")
+    return html_module.unescape(text)
 
 
 def html_to_text(html: str) -> str:
@@ -3342,6 +3414,101 @@ class Pipeline:
 
 
 # ###########################################################################
+# ### Retention
+# ###########################################################################
+#
+# `[agentwatch] retention`: once a day the texts of finished items older than
+# that are cleared: the body (a post's text, a page change's diff) and the
+# draft. The row stays (id, title, link, labels, summary), so dedup still knows
+# the item and nothing is fetched as new again; pending and dead-lettered items
+# are never touched.
+#
+# A shrinking UPDATE leaves SQLite's pages as full as they were in bytes
+# allocated, so a batch deletes its rows and inserts them again with the same
+# ids: pages that empty out are merged and freed, and incremental vacuum hands
+# them back to the filesystem. Hence a table that references items(id) must
+# not cascade deletes (tests/test_scale.py checks), and foreign keys are checked
+# at the batch's commit, when the rows are back.
+
+RETENTION_EVERY = 86400.0  # seconds between two passes
+RETENTION_BATCH = 100  # rows per transaction: about 10 ms of write lock on a small VPS
+RETENTION_PAUSE = 0.02  # seconds between two batches, so other writers get their turn
+VACUUM_PAGES = 256  # pages handed back per incremental vacuum step (1 MB)
+RETENTION_CLEARS = {"body": "", "draft": None}
+# Word for word the partial index items_retained's WHERE, so the planner uses it.
+RETAINED = "status IN ('done', 'skipped', 'seen', 'dropped') AND (body != '' OR draft IS NOT NULL)"
+
+
+def clear_old_items(store: Store, before: float, limit: int = RETENTION_BATCH) -> int:
+    """Clear the texts of up to `limit` finished items created before `before`,
+    in one transaction; returns how many."""
+    with store.transaction() as db:
+        db.execute("PRAGMA defer_foreign_keys = ON")  # reset by the commit
+        rows = db.execute(
+            # Named: by status alone, the planner would walk every 'seen' item.
+            f"""SELECT * FROM items INDEXED BY items_retained WHERE {RETAINED}
+                AND created_at < ? ORDER BY created_at LIMIT ?""",
+            (before, limit),
+        ).fetchall()
+        if not rows:
+            return 0
+        db.execute(
+            f"DELETE FROM items WHERE id IN ({','.join('?' * len(rows))})", [r["id"] for r in rows]
+        )
+        columns = rows[0].keys()  # whatever later migrations added comes along
+        names = ", ".join(f'"{c}"' for c in columns)
+        db.executemany(
+            f"INSERT INTO items ({names}) VALUES ({', '.join('?' * len(columns))})",
+            [tuple(RETENTION_CLEARS.get(c, r[c]) for c in columns) for r in rows],
+        )
+    return len(rows)
+
+
+def vacuum_step(store: Store, pages: int = VACUUM_PAGES) -> int:
+    """Give up to `pages` free pages back to the filesystem; returns how many
+    free pages are left (0 for a database made before auto_vacuum was set:
+    it keeps its free pages and fills them again)."""
+    if store.db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2 = incremental
+        return 0
+    # execute() steps this pragma once, which frees one page; executescript runs
+    # it to the end (and commits nothing: no transaction is open here).
+    store.db.executescript(f"PRAGMA incremental_vacuum({pages});")
+    return store.db.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+async def retention_pass(
+    store: Store, retention: float, now: float | None = None, pause: float = RETENTION_PAUSE
+) -> int:
+    """One pass: clear in small batches, then shrink the file. Cancelling it
+    between two batches loses nothing. Returns the number of items cleared."""
+    if not retention:
+        return 0
+    before = (now or time.time()) - retention
+    size = _db_size(store.path)
+    cleared = 0
+    while n := clear_old_items(store, before):
+        cleared += n
+        await asyncio.sleep(pause)
+    freed = False
+    while vacuum_step(store):
+        freed = True
+        await asyncio.sleep(pause)
+    if cleared or freed:
+        store.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the file shrinks here
+        log.info(
+            "retention: cleared the texts of %d item(s) older than %s; database %.1f MB → %.1f MB",
+            cleared, human_duration(retention), size / 1e6, _db_size(store.path) / 1e6,
+        )  # fmt: skip
+    return cleared
+
+
+def _db_size(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return path.stat().st_size
+    return 0
+
+
+# ###########################################################################
 # ### Scheduler
 # ###########################################################################
 
@@ -3533,6 +3700,7 @@ class Scheduler:
         self.health: HealthServer | None = None
         self.reloads: set[asyncio.Task] = set()
         self.reloading = asyncio.Lock()  # two quick SIGHUPs apply one after the other
+        self.retention: asyncio.Task | None = None
 
     async def run(self) -> int:
         config = self.config
@@ -3574,6 +3742,9 @@ class Scheduler:
         ).fetchone()[0] - len(self.pipeline.parked)
         if waiting:
             log.info("%d item(s) wait for a retry; the next run picks them up", waiting)
+        # A cron line of `run --once` is a way to run agentwatch too: its database
+        # stays bounded the same way.
+        await retention_pass(self.rt.store, self.config.agentwatch.retention)
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -3585,7 +3756,24 @@ class Scheduler:
             await self.health.start()
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
+        self.retention = asyncio.create_task(self.retention_loop(), name="retention")
         await self.tick_loop()
+
+    async def retention_loop(self) -> None:
+        """A retention pass at start and then daily (a SIGHUP's new value applies
+        at the next pass). A failed pass is logged and tried again in an hour."""
+        while not self.rt.stopping.is_set():
+            try:
+                await retention_pass(self.rt.store, self.rt.config.agentwatch.retention)
+            except sqlite3.Error as e:  # locked by another process for long, disk full
+                log.warning("retention pass failed, next try in an hour: %s", e)
+                await asyncio.sleep(3600)
+                continue
+            except Exception:  # a bug: keep its traceback, keep the daemon
+                log.exception("bug in the retention pass; next try in an hour")
+                await asyncio.sleep(3600)
+                continue
+            await asyncio.sleep(RETENTION_EVERY)
 
     def start_source(self, name: str, src: Source) -> None:
         task = asyncio.create_task(self.source_loop(src), name=f"source-{name}")
@@ -3853,7 +4041,12 @@ class Scheduler:
         await asyncio.gather(*self.reloads, return_exceptions=True)
         for task in self.source_tasks.values():
             task.cancel()
-        await asyncio.gather(*self.source_tasks.values(), return_exceptions=True)
+        if self.retention:
+            self.retention.cancel()  # between two batches: nothing is half done
+        await asyncio.gather(
+            *self.source_tasks.values(), *([self.retention] if self.retention else []),
+            return_exceptions=True,
+        )  # fmt: skip
         busy = list(self.pipeline.busy.values())
         if busy:
             log.info("letting %d in-flight item(s) finish (up to %.0fs)", len(busy), SHUTDOWN_GRACE)
@@ -3927,7 +4120,7 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
             if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
                 entry["state"] = state
         sources[s.name] = entry
-    counts = dict(db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
+    counts = counts_by_status(db)
     report = {
         "status": status,
         "pid": os.getpid(),
@@ -3998,9 +4191,9 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
     family("agentwatch_stage_runs_total", "counter",
            "Item stages run, by stage and outcome (ok, retry, dead).",
            [({"stage": s, "outcome": o}, v) for (s, o), v in sorted(by("items_stage").items())])  # fmt: skip
+    counts = item_counts(db)
     family("agentwatch_items", "gauge", "Stored items, by next stage and status.",
-           [({"stage": stage, "status": status}, n) for stage, status, n in db.execute(
-               "SELECT stage, status, COUNT(*) FROM items GROUP BY stage, status ORDER BY 1, 2")])  # fmt: skip
+           [({"stage": stage, "status": status}, n) for (stage, status), n in counts.items()])  # fmt: skip
     family("agentwatch_llm_calls_total", "counter", "Successful LLM calls, by stage.",
            [({"stage": s}, v) for (s,), v in sorted(by("llm_calls").items())])  # fmt: skip
     tokens = [({"model": m, "direction": "input"}, v) for (m,), v in by("llm_input_tokens").items()]
@@ -4015,7 +4208,7 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
            [({"status": s}, v) for (s,), v in sorted(by("slack_posts").items())])  # fmt: skip
     family("agentwatch_slack_api_calls_total", "counter", "Slack Web API calls, by method and HTTP status.",
            [({"method": m, "status": s}, v) for (m, s), v in sorted(by("slack_api").items())])  # fmt: skip
-    dlq = db.execute("SELECT COUNT(*) FROM items WHERE status = 'dead'").fetchone()[0]
+    dlq = sum(n for (_, status), n in counts.items() if status == "dead")
     family("agentwatch_dlq_depth", "gauge", "Items in the dead-letter queue.", [({}, dlq)])
     rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
     family("agentwatch_source_consecutive_failures", "gauge", "Failed polls in a row, by source.",

@@ -24,13 +24,18 @@ if hasattr(agentwatch, "RateBudget"):  # Engine v2: the real thing
         Secret,
         TokenCache,
         host_of,
-        html_to_text,
         human_duration,
         iso,
         parse_retry_after,
     )
 
     APISource = Source
+
+    def html_to_text(markup: str) -> str:
+        text = re.sub(r"(?i)<br\s*/?>|</p>", "\n", markup[:200_000])
+        text = re.sub(r"(?s)<[^>]*>", "", text)
+        text = html.unescape(text)
+        return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
 else:
     from agentwatch import iso, parse_retry_after  # noqa: F401
 
