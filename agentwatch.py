@@ -41,6 +41,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -798,6 +799,20 @@ CREATE INDEX items_retained ON items (created_at)
     WHERE status IN ('done', 'skipped', 'seen', 'dropped') AND (body != '' OR draft IS NOT NULL);
 """)
 
+# Slack app mode: one thread per story. Several keys (a Reddit post, a link) may
+# name one story; each row maps a key to the story's first message.
+MIGRATIONS.append("""
+CREATE TABLE stories (
+    key        TEXT NOT NULL,                -- "reddit:t3_abc", "link:example.com/a", "uptime:site:1700000000"
+    channel    TEXT NOT NULL,
+    ts         TEXT NOT NULL,                -- the story's first message
+    item       INTEGER NOT NULL,             -- the item of that first message
+    at         REAL NOT NULL,                -- the story's latest message
+    PRIMARY KEY (key, channel)
+);
+CREATE INDEX deliveries_thread ON deliveries (channel, thread_ts);
+""")
+
 BODY_LIMIT = 20_000  # characters of an item's body that are stored
 
 
@@ -1181,6 +1196,46 @@ class Store:
                FROM llm_usage WHERE at >= ? GROUP BY source, stage ORDER BY source, stage""",
             (since,),
         ).fetchall()
+
+    # --- stories (Slack app mode) ----------------------------------------------
+
+    def story(self, keys: list[str], channel: str, since: float) -> sqlite3.Row | None:
+        """The live story one of `keys` names in `channel` (the first key that has one)."""
+        for key in keys:
+            row = self.db.execute(
+                "SELECT * FROM stories WHERE key = ? AND channel = ? AND at >= ?",
+                (key, channel, since),
+            ).fetchone()
+            if row is not None:
+                return row
+        return None
+
+    def story_note(self, keys: list[str], channel: str, ts: str, item: int) -> None:
+        """`ts` is the story of `keys` now: new keys join it, and it is fresh again."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT INTO stories (key, channel, ts, item, at) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (key, channel) DO UPDATE SET ts = excluded.ts,
+                   item = excluded.item, at = excluded.at WHERE stories.ts != excluded.ts""",
+                [(key, channel, ts, item, now) for key in keys],
+            )
+            db.execute("UPDATE stories SET at = ? WHERE channel = ? AND ts = ?", (now, channel, ts))
+
+    def story_items(self, channel: str, ts: str) -> tuple[sqlite3.Row | None, list[sqlite3.Row]]:
+        """A story's first item, and the items posted in its thread, oldest first."""
+        first = self.db.execute(
+            """SELECT items.* FROM stories JOIN items ON items.id = stories.item
+               WHERE stories.channel = ? AND stories.ts = ? LIMIT 1""",
+            (channel, ts),
+        ).fetchone()
+        replies = self.db.execute(
+            """SELECT items.* FROM deliveries JOIN items ON items.id = deliveries.item
+               WHERE deliveries.channel = ? AND deliveries.thread_ts = ?
+               AND deliveries.ts IS NOT NULL ORDER BY deliveries.done_at, items.id""",
+            (channel, ts),
+        ).fetchall()
+        return first, replies
 
     # --- dead-letter queue ---------------------------------------------------
 
@@ -3216,19 +3271,102 @@ def item_metadata(row: Any) -> dict:
     }
 
 
+STORY_KEEP = 7 * 86400  # a story quiet this long is over: the next item starts a new one
+_TRACKING_PARAMS = re.compile(r"^(utm_.*|ref|ref_src|fbclid|gclid|mc_cid|mc_eid)$", re.I)
+
+
+def normal_link(url: str) -> str:
+    """A link as two sources would both write it: no scheme, "www.", fragment,
+    trailing slash or tracking parameters; "" for anything but http(s)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit((url or "").strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return ""
+    host = parts.hostname.lower().removeprefix("www.")
+    if port and port not in (80, 443):
+        host += f":{port}"
+    query = sorted(
+        (k, v)
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if not _TRACKING_PARAMS.match(k)
+    )
+    path = parts.path.rstrip("/")
+    return host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+
+def story_keys(row: Any) -> list[str]:
+    """What makes later items part of this item's story, most specific first:
+    an outage and its recovery; a watched page's changes; a Reddit post and
+    the comments under it; the same link, whichever source saw it."""
+    kind, source, item_id = row["kind"], row["source"], row["item_id"]
+    if kind in ("down", "recovered"):  # the url source: "down:<since>" and "recovered:<since>"
+        return [f"uptime:{source}:{item_id.partition(':')[2]}"]
+    if kind in ("changed", "cert"):
+        return [f"{kind}:{source}"]
+    keys = []
+    extra = json.loads(row["extra"] or "{}") if isinstance(row["extra"], str) else {}
+    post = extra.get("post") if isinstance(extra, dict) else None
+    if isinstance(post, str) and post:
+        keys.append(f"reddit:{post}")
+    elif kind == "post" and item_id.startswith("t3_"):
+        keys.append(f"reddit:{item_id}")
+    for url in (row["url"], extra.get("link") if isinstance(extra, dict) else None):
+        if isinstance(url, str) and (link := normal_link(url)):
+            keys.append(f"link:{link}")
+    return keys
+
+
+def story_state(first: Any, replies: list[Any]) -> str:
+    """The story's state, shown on its first message: "recovered after 12m · 3 replies"."""
+    parts = []
+    if first["kind"] == "down":
+        recovered = [r for r in replies if r["kind"] == "recovered"]
+        if recovered:
+            extra = json.loads(recovered[-1]["extra"] or "{}")
+            seconds = extra.get("downtime_s") if isinstance(extra, dict) else None
+            if isinstance(seconds, int | float):
+                parts.append(f"recovered after {human_duration(seconds)}")
+            else:
+                parts.append("recovered")
+        else:
+            parts.append("still down")
+    if replies:
+        parts.append(f"{len(replies)} repl{'y' if len(replies) == 1 else 'ies'} in the thread")
+    return " · ".join(parts)
+
+
 class SlackApp:
-    """Items posted with chat.postMessage, each exactly once."""
+    """Items posted with chat.postMessage, each exactly once, one thread per story."""
 
     def __init__(self, settings: SlackSettings, store: Store, http: Any, metrics: Counter):
         self.settings = settings
         self.store = store
         self.api = SlackAPI(settings.bot_token, settings.api_url, http, metrics)
+        # One delivery at a time per channel, so two items of one story cannot
+        # both start it (posts to a channel are paced one a second anyway).
+        self.channel_locks: dict[str, asyncio.Lock] = {}
 
     async def deliver(self, row: Any, channel: str) -> str:
         """Post the item (unless it is already there); returns its message's ts."""
+        keys = story_keys(row)
+        async with self.channel_locks.setdefault(channel, asyncio.Lock()):
+            ts, thread_ts = await self.deliver_once(row, channel, keys)
+            if keys:
+                self.store.story_note(keys, channel, thread_ts or ts, row["id"])
+            if thread_ts:
+                await self.show_story(channel, thread_ts)
+        return ts
+
+    async def deliver_once(self, row: Any, channel: str, keys: list[str]) -> tuple[str, str | None]:
+        """(the item's message ts, the thread it is in or None), posting only if needed."""
         done = self.store.delivery(row["id"], "slack")
         if done and done["ts"]:
-            return done["ts"]
+            return done["ts"], done["thread_ts"]
         if done and done["started_at"]:
             ts = await self.find(
                 done["channel"] or channel, row, done["started_at"], done["thread_ts"]
@@ -3237,8 +3375,25 @@ class SlackApp:
                 self.store.delivery_done(row["id"], "slack", done["channel"] or channel, ts)
                 log.info("item %s %s was already in Slack (ts %s): not posted again",
                          row["source"], row["item_id"], ts)  # fmt: skip
-                return ts
-        return await self.post(row, channel, render_message([row]))
+                return ts, done["thread_ts"]
+        story = self.store.story(keys, channel, time.time() - STORY_KEEP)
+        thread_ts = story["ts"] if story and story["item"] != row["id"] else None
+        return await self.post(row, channel, render_message([row]), thread_ts), thread_ts
+
+    async def show_story(self, channel: str, ts: str) -> None:
+        """Update a story's first message with its state. A failure is only logged:
+        the reply is posted, and the next one updates it again."""
+        first, replies = self.store.story_items(channel, ts)
+        if first is None:
+            return
+        payload = render_message([first])
+        state = story_state(first, replies)
+        payload["blocks"].append({"type": "context", "elements": [mrkdwn(cut(state, 300))]})
+        try:
+            await self.api.call("chat.update", channel=channel, ts=ts, text=payload["text"],
+                                blocks=payload["blocks"], metadata=item_metadata(first))  # fmt: skip
+        except StageError as e:
+            log.warning("could not update the first message of a story in %s: %s", channel, e)
 
     async def post(
         self, row: Any, channel: str, payload: dict, thread_ts: str | None = None
@@ -3847,6 +4002,28 @@ def setup_logging(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@functools.cache
+def _datagram_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd how the process is ("READY=1", "WATCHDOG=1", "STOPPING=1"):
+    the sd_notify protocol is one datagram to $NOTIFY_SOCKET, so no dependency.
+    Without the variable (not under a Type=notify unit) it does nothing. With
+    WatchdogSec=, a loop that stops ticking (blocked, hung) stops the pings, and
+    systemd restarts the process."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        _datagram_socket().sendto(state.encode(), address)
+    except OSError as e:  # systemd gone or restarting: the process carries on
+        log.debug("sd_notify %s to %s failed: %s", state, address, e)
+
+
 class InstanceLock:
     """One `run` per database: an flock held for the life of the process (the OS
     drops it when the process dies, even by kill -9), plus the pidfile."""
@@ -4044,6 +4221,7 @@ class Scheduler:
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
+        sd_notify("READY=1")
         await self.tick_loop()
 
     async def retention_loop(self) -> None:
@@ -4076,6 +4254,7 @@ class Scheduler:
     def stop(self, sig: int | None = None) -> None:
         if not self.rt.stopping.is_set():
             log.info("received %s: stopping", signal.Signals(sig).name if sig else "stop")
+            sd_notify("STOPPING=1")
             self.rt.stopping.set()
             self.rt.wake.set()
 
@@ -4083,6 +4262,7 @@ class Scheduler:
         rt = self.rt
         while not rt.stopping.is_set():
             rt.last_tick_at = time.time()
+            sd_notify("WATCHDOG=1")
             self.pipeline.dispatch_due()
             rt.wake.clear()
             # Woken early by a poll with new items; otherwise look again each second
@@ -5355,6 +5535,9 @@ def run(
 
     Example: nohup agentwatch run -c /etc/agentwatch.toml &
     """
+    # The database, its WAL and the log hold what people wrote and what the LLM
+    # made of it: whatever the login's umask, they are created 0600.
+    os.umask(0o077)
     cfg = open_config(config)
     setup_logging(cfg)
     lock = InstanceLock(cfg.db_path, cfg.pidfile_path)
