@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
@@ -40,6 +41,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -180,11 +182,22 @@ def parse_size(value: Any, key: str) -> ByteSize:
     return ByteSize(int(value))
 
 
+# While a read-only command loads the config, an unset ${VAR} is noted here
+# (name -> the key that uses it) and left as written, instead of failing.
+_UNSET_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "unset_env", default=None
+)
+
+
 def expand_env(value: str, key: str) -> str:
     def substitute(m: re.Match) -> str:
         name = m.group(1)
         if name not in os.environ:
-            raise ConfigError(key, f"environment variable {name} is not set")
+            unset = _UNSET_ENV.get()
+            if unset is None:
+                raise ConfigError(key, f"environment variable {name} is not set")
+            unset.setdefault(name, key)
+            return m.group(0)
         return os.environ[name]
 
     return _ENV_REF.sub(substitute, value)
@@ -371,6 +384,8 @@ class Config:
     slack: SlackSettings
     sources: list[SourceConfig]
     knowledge: Knowledge = field(default_factory=lambda: Knowledge())  # [llm] knowledge, read
+    # ${VAR}s that were unset when a read-only command loaded it: name -> key.
+    unset_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -447,8 +462,20 @@ def config_path(given: str | Path | None) -> Path:
     return Path(given or os.environ.get("AGENTWATCH_CONFIG") or "agentwatch.toml").resolve()
 
 
-def load_config(given: str | Path | None = None) -> Config:
-    path = config_path(given)
+def load_config(given: str | Path | None = None, *, allow_unset: bool = False) -> Config:
+    """The config at `given`. With `allow_unset` (commands that only read), a
+    ${VAR} that is not set stays as written and is listed in `unset_env`."""
+    unset: dict[str, str] = {}
+    token = _UNSET_ENV.set(unset if allow_unset else None)
+    try:
+        config = _load_config(config_path(given))
+    finally:
+        _UNSET_ENV.reset(token)
+    config.unset_env = unset
+    return config
+
+
+def _load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -772,6 +799,20 @@ CREATE INDEX items_retained ON items (created_at)
     WHERE status IN ('done', 'skipped', 'seen', 'dropped') AND (body != '' OR draft IS NOT NULL);
 """)
 
+# Slack app mode: one thread per story. Several keys (a Reddit post, a link) may
+# name one story; each row maps a key to the story's first message.
+MIGRATIONS.append("""
+CREATE TABLE stories (
+    key        TEXT NOT NULL,                -- "reddit:t3_abc", "link:example.com/a", "uptime:site:1700000000"
+    channel    TEXT NOT NULL,
+    ts         TEXT NOT NULL,                -- the story's first message
+    item       INTEGER NOT NULL,             -- the item of that first message
+    at         REAL NOT NULL,                -- the story's latest message
+    PRIMARY KEY (key, channel)
+);
+CREATE INDEX deliveries_thread ON deliveries (channel, thread_ts);
+""")
+
 BODY_LIMIT = 20_000  # characters of an item's body that are stored
 
 
@@ -1013,6 +1054,47 @@ class Store:
     def stage_counts(self) -> dict[tuple[str, str], int]:
         return item_counts(self.db)
 
+    def newest_items(
+        self, *, source: str | None = None, label: str | None = None,
+        since: float | None = None, search: str | None = None, limit: int = 50,
+    ) -> list[sqlite3.Row]:  # fmt: skip
+        """Stored items, newest first (`agentwatch items`). `label` is one of LABELS;
+        `search` a case-insensitive substring of title, body, summary, author or url."""
+        where, args = [], []
+        if source:
+            where.append("source = ?")
+            args.append(source)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if label == "relevant":
+            where.append("json_extract(classification, '$.relevant') = 1")
+        elif label:
+            key = "$.sentiment" if label in SENTIMENTS else "$.intent"
+            where.append(f"json_extract(classification, '{key}') = ?")
+            args.append(label)
+        if search:
+            pattern = "%" + re.sub(r"([%_\\])", r"\\\1", search) + "%"
+            where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
+            args.extend([pattern] * len(_SEARCHED))
+        sql = "SELECT * FROM items" + (" WHERE " + " AND ".join(where) if where else "")
+        return self.db.execute(
+            sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database in `target`, by SQLite's online backup.
+        One step: under WAL it reads one snapshot while writers carry on, where a
+        stepped backup would restart each time `run` commits."""
+        target = Path(target)
+        dest = sqlite3.connect(target)
+        try:
+            self.db.backup(dest)
+            # A single self-contained file, with no -wal beside it.
+            dest.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            dest.close()
+
     # --- deliveries (Slack app mode) -------------------------------------------
 
     def delivery(self, row_id: int, destination: str) -> sqlite3.Row | None:
@@ -1091,6 +1173,46 @@ class Store:
             (since,),
         ).fetchall()
 
+    # --- stories (Slack app mode) ----------------------------------------------
+
+    def story(self, keys: list[str], channel: str, since: float) -> sqlite3.Row | None:
+        """The live story one of `keys` names in `channel` (the first key that has one)."""
+        for key in keys:
+            row = self.db.execute(
+                "SELECT * FROM stories WHERE key = ? AND channel = ? AND at >= ?",
+                (key, channel, since),
+            ).fetchone()
+            if row is not None:
+                return row
+        return None
+
+    def story_note(self, keys: list[str], channel: str, ts: str, item: int) -> None:
+        """`ts` is the story of `keys` now: new keys join it, and it is fresh again."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT INTO stories (key, channel, ts, item, at) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (key, channel) DO UPDATE SET ts = excluded.ts,
+                   item = excluded.item, at = excluded.at WHERE stories.ts != excluded.ts""",
+                [(key, channel, ts, item, now) for key in keys],
+            )
+            db.execute("UPDATE stories SET at = ? WHERE channel = ? AND ts = ?", (now, channel, ts))
+
+    def story_items(self, channel: str, ts: str) -> tuple[sqlite3.Row | None, list[sqlite3.Row]]:
+        """A story's first item, and the items posted in its thread, oldest first."""
+        first = self.db.execute(
+            """SELECT items.* FROM stories JOIN items ON items.id = stories.item
+               WHERE stories.channel = ? AND stories.ts = ? LIMIT 1""",
+            (channel, ts),
+        ).fetchone()
+        replies = self.db.execute(
+            """SELECT items.* FROM deliveries JOIN items ON items.id = deliveries.item
+               WHERE deliveries.channel = ? AND deliveries.thread_ts = ?
+               AND deliveries.ts IS NOT NULL ORDER BY deliveries.done_at, items.id""",
+            (channel, ts),
+        ).fetchall()
+        return first, replies
+
     # --- dead-letter queue ---------------------------------------------------
 
     def dead(self) -> list[sqlite3.Row]:
@@ -1133,6 +1255,17 @@ def damaged_database(path: Path, error: sqlite3.Error) -> CannotStart | None:
         f"read: `sqlite3 {path} .recover | sqlite3 {path}.recovered`, move {path} and its "
         f"-wal and -shm files aside, and {path}.recovered to {path}"
     )
+
+
+# What `agentwatch items --search` looks in.
+_SEARCHED = (
+    "title",
+    "body",
+    "author",
+    "url",
+    "summary",
+    "json_extract(classification, '$.summary')",
+)
 
 
 def _id_filter(ids: list[int] | None) -> tuple[str, list[int]]:
@@ -2815,19 +2948,102 @@ def item_metadata(row: Any) -> dict:
     }
 
 
+STORY_KEEP = 7 * 86400  # a story quiet this long is over: the next item starts a new one
+_TRACKING_PARAMS = re.compile(r"^(utm_.*|ref|ref_src|fbclid|gclid|mc_cid|mc_eid)$", re.I)
+
+
+def normal_link(url: str) -> str:
+    """A link as two sources would both write it: no scheme, "www.", fragment,
+    trailing slash or tracking parameters; "" for anything but http(s)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit((url or "").strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return ""
+    host = parts.hostname.lower().removeprefix("www.")
+    if port and port not in (80, 443):
+        host += f":{port}"
+    query = sorted(
+        (k, v)
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if not _TRACKING_PARAMS.match(k)
+    )
+    path = parts.path.rstrip("/")
+    return host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+
+def story_keys(row: Any) -> list[str]:
+    """What makes later items part of this item's story, most specific first:
+    an outage and its recovery; a watched page's changes; a Reddit post and
+    the comments under it; the same link, whichever source saw it."""
+    kind, source, item_id = row["kind"], row["source"], row["item_id"]
+    if kind in ("down", "recovered"):  # the url source: "down:<since>" and "recovered:<since>"
+        return [f"uptime:{source}:{item_id.partition(':')[2]}"]
+    if kind in ("changed", "cert"):
+        return [f"{kind}:{source}"]
+    keys = []
+    extra = json.loads(row["extra"] or "{}") if isinstance(row["extra"], str) else {}
+    post = extra.get("post") if isinstance(extra, dict) else None
+    if isinstance(post, str) and post:
+        keys.append(f"reddit:{post}")
+    elif kind == "post" and item_id.startswith("t3_"):
+        keys.append(f"reddit:{item_id}")
+    for url in (row["url"], extra.get("link") if isinstance(extra, dict) else None):
+        if isinstance(url, str) and (link := normal_link(url)):
+            keys.append(f"link:{link}")
+    return keys
+
+
+def story_state(first: Any, replies: list[Any]) -> str:
+    """The story's state, shown on its first message: "recovered after 12m · 3 replies"."""
+    parts = []
+    if first["kind"] == "down":
+        recovered = [r for r in replies if r["kind"] == "recovered"]
+        if recovered:
+            extra = json.loads(recovered[-1]["extra"] or "{}")
+            seconds = extra.get("downtime_s") if isinstance(extra, dict) else None
+            if isinstance(seconds, int | float):
+                parts.append(f"recovered after {human_duration(seconds)}")
+            else:
+                parts.append("recovered")
+        else:
+            parts.append("still down")
+    if replies:
+        parts.append(f"{len(replies)} repl{'y' if len(replies) == 1 else 'ies'} in the thread")
+    return " · ".join(parts)
+
+
 class SlackApp:
-    """Items posted with chat.postMessage, each exactly once."""
+    """Items posted with chat.postMessage, each exactly once, one thread per story."""
 
     def __init__(self, settings: SlackSettings, store: Store, http: Any, metrics: Counter):
         self.settings = settings
         self.store = store
         self.api = SlackAPI(settings.bot_token, settings.api_url, http, metrics)
+        # One delivery at a time per channel, so two items of one story cannot
+        # both start it (posts to a channel are paced one a second anyway).
+        self.channel_locks: dict[str, asyncio.Lock] = {}
 
     async def deliver(self, row: Any, channel: str) -> str:
         """Post the item (unless it is already there); returns its message's ts."""
+        keys = story_keys(row)
+        async with self.channel_locks.setdefault(channel, asyncio.Lock()):
+            ts, thread_ts = await self.deliver_once(row, channel, keys)
+            if keys:
+                self.store.story_note(keys, channel, thread_ts or ts, row["id"])
+            if thread_ts:
+                await self.show_story(channel, thread_ts)
+        return ts
+
+    async def deliver_once(self, row: Any, channel: str, keys: list[str]) -> tuple[str, str | None]:
+        """(the item's message ts, the thread it is in or None), posting only if needed."""
         done = self.store.delivery(row["id"], "slack")
         if done and done["ts"]:
-            return done["ts"]
+            return done["ts"], done["thread_ts"]
         if done and done["started_at"]:
             ts = await self.find(
                 done["channel"] or channel, row, done["started_at"], done["thread_ts"]
@@ -2836,8 +3052,25 @@ class SlackApp:
                 self.store.delivery_done(row["id"], "slack", done["channel"] or channel, ts)
                 log.info("item %s %s was already in Slack (ts %s): not posted again",
                          row["source"], row["item_id"], ts)  # fmt: skip
-                return ts
-        return await self.post(row, channel, render_message([row]))
+                return ts, done["thread_ts"]
+        story = self.store.story(keys, channel, time.time() - STORY_KEEP)
+        thread_ts = story["ts"] if story and story["item"] != row["id"] else None
+        return await self.post(row, channel, render_message([row]), thread_ts), thread_ts
+
+    async def show_story(self, channel: str, ts: str) -> None:
+        """Update a story's first message with its state. A failure is only logged:
+        the reply is posted, and the next one updates it again."""
+        first, replies = self.store.story_items(channel, ts)
+        if first is None:
+            return
+        payload = render_message([first])
+        state = story_state(first, replies)
+        payload["blocks"].append({"type": "context", "elements": [mrkdwn(cut(state, 300))]})
+        try:
+            await self.api.call("chat.update", channel=channel, ts=ts, text=payload["text"],
+                                blocks=payload["blocks"], metadata=item_metadata(first))  # fmt: skip
+        except StageError as e:
+            log.warning("could not update the first message of a story in %s: %s", channel, e)
 
     async def post(
         self, row: Any, channel: str, payload: dict, thread_ts: str | None = None
@@ -3379,6 +3612,23 @@ SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 RESTART_KEYS = ("db", "pidfile", "health", "hooks")
 
 
+# C0 and C1 controls (ANSI/OSC escapes start with ESC or the 8-bit CSI/OSC),
+# DEL, and the invisible marks that reorder text (bidi overrides).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: Any) -> str:
+    """Outside text made safe for a terminal or a log line: each control
+    character is shown as an escape (\\x1b, \\n, \\u202e), so a title cannot
+    move the cursor, retitle the window, or start a forged line."""
+    return _CONTROL.sub(
+        lambda m: _CONTROL_NAMES.get(c := m.group()) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"),
+        str(text),
+    )  # fmt: skip
+
+
 class RedactingFormatter(logging.Formatter):
     """Text or JSON lines in UTC; secrets are masked in whatever gets through."""
 
@@ -3391,6 +3641,8 @@ class RedactingFormatter(logging.Formatter):
         ts = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
         ts = ts.replace("+00:00", "Z")
         message = record.getMessage()
+        if not self.json:  # JSON escapes by itself; a text line must stay one line
+            message = printable(message)
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         if self.json:
@@ -3425,6 +3677,28 @@ def setup_logging(
     root.setLevel(level)
     for noisy in ("httpx2", "httpcore2", "anthropic", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@functools.cache
+def _datagram_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd how the process is ("READY=1", "WATCHDOG=1", "STOPPING=1"):
+    the sd_notify protocol is one datagram to $NOTIFY_SOCKET, so no dependency.
+    Without the variable (not under a Type=notify unit) it does nothing. With
+    WatchdogSec=, a loop that stops ticking (blocked, hung) stops the pings, and
+    systemd restarts the process."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        _datagram_socket().sendto(state.encode(), address)
+    except OSError as e:  # systemd gone or restarting: the process carries on
+        log.debug("sd_notify %s to %s failed: %s", state, address, e)
 
 
 class InstanceLock:
@@ -3624,6 +3898,7 @@ class Scheduler:
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
+        sd_notify("READY=1")
         await self.tick_loop()
 
     async def retention_loop(self) -> None:
@@ -3656,6 +3931,7 @@ class Scheduler:
     def stop(self, sig: int | None = None) -> None:
         if not self.rt.stopping.is_set():
             log.info("received %s: stopping", signal.Signals(sig).name if sig else "stop")
+            sd_notify("STOPPING=1")
             self.rt.stopping.set()
             self.rt.wake.set()
 
@@ -3663,6 +3939,7 @@ class Scheduler:
         rt = self.rt
         while not rt.stopping.is_set():
             rt.last_tick_at = time.time()
+            sd_notify("WATCHDOG=1")
             self.pipeline.dispatch_due()
             rt.wake.clear()
             # Woken early by a poll with new items; otherwise look again each second
@@ -3966,31 +4243,10 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         status = "stale"
     else:
         status = "ok"
-    rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
     secrets = sorted(config.secrets(), key=len, reverse=True)
-    sources, overdue = {}, []
-    for s in config.sources:
-        r = rows.get(s.name)
-        entry = {
-            "type": s.type,
-            "last_poll_at": iso(r["last_poll_at"]) if r else None,
-            "last_ok_at": iso(r["last_ok_at"]) if r else None,
-            "consecutive_failures": r["consecutive_failures"] if r else 0,
-            "next_poll_at": iso(r["next_poll_at"]) if r else None,
-            "last_error": _redact(r["last_error"], secrets) if r else "",
-            "last_error_kind": r["last_error_kind"] if r else "",
-            # A poll this late means its loop is stuck or gone: a restart is the cure.
-            "overdue": bool(
-                status == "ok" and r and r["next_poll_at"] is not None
-                and now - r["next_poll_at"] > stale_after + Source.poll_allowance(config.agentwatch)
-            ),
-        }  # fmt: skip
-        if entry["overdue"]:
-            overdue.append(s.name)
-        with contextlib.suppress(Exception):  # a drop-in's describe_state must not break /health
-            if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
-                entry["state"] = state
-        sources[s.name] = entry
+    # A poll late while the scheduler ticks means its loop is stuck or gone.
+    sources = source_reports(config, db.execute("SELECT * FROM sources"), now, status == "ok")
+    overdue = [name for name, entry in sources.items() if entry["overdue"]]
     counts = counts_by_status(db)
     report = {
         "status": status,
@@ -4012,6 +4268,42 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         "sources": sources,
     }
     return (200 if status == "ok" else 503), report
+
+
+def source_reports(
+    config: Config, rows: Iterable[sqlite3.Row], now: float, ticking: bool = True
+) -> dict[str, dict]:
+    """Each configured source's health, keyed by name: /health's and `status --json`'s.
+    `overdue`: its poll is later than any poll may be, while the scheduler ticks."""
+    rows = {r["name"]: r for r in rows}
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    late = config.agentwatch.stale_after + Source.poll_allowance(config.agentwatch)
+    sources = {}
+    for s in config.sources:
+        r = rows.get(s.name)
+        entry = {
+            "type": s.type,
+            "last_poll_at": iso(r["last_poll_at"]) if r else None,
+            "last_ok_at": iso(r["last_ok_at"]) if r else None,
+            "consecutive_failures": r["consecutive_failures"] if r else 0,
+            "next_poll_at": iso(r["next_poll_at"]) if r else None,
+            "last_error": _redact(r["last_error"], secrets) if r else "",
+            "last_error_kind": r["last_error_kind"] if r else "",
+            "overdue": bool(
+                ticking and r and r["next_poll_at"] is not None and now - r["next_poll_at"] > late
+            ),
+        }
+        if r and (state := state_in_words(s.type, r["state"])):
+            entry["state"] = _redact(state, secrets)
+        sources[s.name] = entry
+    return sources
+
+
+def state_in_words(source_type: str, state: str | None) -> str:
+    """A source's persisted state in words; "" if its type cannot say."""
+    with contextlib.suppress(Exception):  # a drop-in's describe_state must not break a report
+        return SOURCES[source_type].describe_state(json.loads(state or "{}")) or ""
+    return ""
 
 
 def _counter_snapshot(counter: Counter) -> dict:
@@ -4700,15 +4992,27 @@ class Hooks:
 # ###########################################################################
 # ### CLI
 # ###########################################################################
+#
+# Commands that only read (status, items, dlq list/show, check) load the config
+# with allow_unset: a ${VAR} that only sending or calling out needs may be
+# missing from the shell (it belongs in the cron line or the unit). Outside
+# text (titles, errors, ids, states) goes through printable(), and the config's
+# secrets are redacted, before anything is printed. In a pipe the output is
+# plain lines; in a terminal rich styles the same lines.
+
+_HELP_MODE: Any = "rich" if sys.stdout.isatty() else None  # no boxes in a pipe
 
 app = typer.Typer(
     help="Watch Reddit, feeds and URLs; LLM triage and drafts to Slack.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=_HELP_MODE,
 )
 dlq_app = typer.Typer(
-    help="The dead-letter queue: items whose stage failed for good.", no_args_is_help=True
+    help="The dead-letter queue: items whose stage failed for good.",
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_MODE,
 )
 app.add_typer(dlq_app, name="dlq")
 
@@ -4718,6 +5022,32 @@ ConfigOption = typing.Annotated[
         "--config", "-c", help="Config file [default: $AGENTWATCH_CONFIG or ./agentwatch.toml]"
     ),
 ]
+JsonOption = typing.Annotated[bool, typer.Option("--json", help="JSON instead of text")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    config: ConfigOption = None,
+    version: typing.Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    # -c before the subcommand; one given after it wins. The callback runs
+    # before every command, so each invocation sets it afresh.
+    global _config_before_command
+    _config_before_command = config
+
+
+_config_before_command: Path | None = None
 
 
 def fail(error: AgentwatchError) -> typer.Exit:
@@ -4732,9 +5062,12 @@ def fail(error: AgentwatchError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def open_config(path: Path | None) -> Config:
+def open_config(path: Path | None, *, read_only: bool = False) -> Config:
+    """The config named after the subcommand, else before it, else the default.
+    `read_only`: unset ${VAR}s are allowed (see the section's comment)."""
+    path = path or _config_before_command
     try:
-        return load_config(path)
+        return load_config(path, allow_unset=read_only)
     except ConfigError as e:
         raise fail(e) from None
 
@@ -4748,6 +5081,77 @@ def open_store(config: Config) -> Store:
         raise fail(AgentwatchError(f"cannot open the database {config.db_path}: {e}")) from None
 
 
+def redactor(config: Config) -> Callable[[Any], str]:
+    """The engine's redaction (the same secrets as the log's), for printed text."""
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    return lambda text: _redact(str(text or ""), secrets)
+
+
+def safe(text: Any, redact: Callable[[Any], str]) -> str:
+    """Stored outside text as it may be printed: secrets masked, controls escaped."""
+    return printable(redact(text))
+
+
+# Controls that JSON leaves raw with ensure_ascii=False (C0 it always escapes).
+_JSON_RAW = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def echo_json(value: Any) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    typer.echo(_JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def relative(ts: float | None, now: float) -> str:
+    """ "2m ago", "in 40s", "now"; "never" for None."""
+    if ts is None:
+        return "never"
+    if not math.isfinite(ts):
+        return "?"
+    delta = ts - now
+    seconds = abs(delta)
+    if seconds < 1:
+        return "now"
+    size, unit = next(
+        u for u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")) if seconds >= u[0]
+    )
+    amount = f"{int(seconds // size)}{unit}"
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+class Out:
+    """A command's lines: plain text in a pipe, styled by rich in a terminal.
+    A line is parts, each a string or (string, rich style); the strings are
+    already safe (printable)."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        # COLUMNS first, then the terminal; 80 in a pipe without COLUMNS.
+        self.width = shutil.get_terminal_size((80, 24)).columns
+        self.console = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def line(self, *parts: str | tuple[str, str], cut: bool = False) -> None:
+        """One line. `cut`: in a terminal, end it with an ellipsis at the edge
+        instead of wrapping; a pipe gets it whole, for grep."""
+        pairs = [(p, "") if isinstance(p, str) else p for p in parts]
+        if self.console is None:
+            sys.stdout.write("".join(text for text, _ in pairs) + "\n")
+            return
+        from rich.text import Text
+
+        text = Text()
+        for chunk, style in pairs:
+            text.append(chunk, style)
+        if cut:
+            self.console.print(text, no_wrap=True, overflow="ellipsis")
+        else:
+            self.console.print(text, soft_wrap=True)
+
+
 @app.command()
 def init(
     path: typing.Annotated[Path, typer.Argument(help="Where to write it")] = Path(
@@ -4757,7 +5161,10 @@ def init(
         bool, typer.Option("--force", help="Overwrite an existing file")
     ] = False,
 ) -> None:
-    """Write a commented example config."""
+    """Write a commented example config.
+
+    Example: agentwatch init /etc/agentwatch.toml
+    """
     if path.exists() and not force:
         raise fail(AgentwatchError(f"{path} exists; use --force to overwrite it"))
     path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
@@ -4766,14 +5173,19 @@ def init(
 
 @app.command()
 def check(config: ConfigOption = None) -> None:
-    """Validate the config and list the sources; exit 2 on errors."""
-    cfg = open_config(config)
+    """Validate the config and list the sources; exit 2 on errors.
+
+    Example: agentwatch -c /etc/agentwatch.toml check
+    """
+    cfg = open_config(config, read_only=True)
     typer.echo(f"config {cfg.path}: ok, {len(cfg.sources)} source(s)")
     for s in cfg.sources:
         described = SOURCES[s.type](s, cfg.agentwatch, None, {}).describe()
-        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {described}")
+        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {printable(described)}")
     for path, error in PLUGIN_FAILURES.items():
         typer.echo(f"warning: plugin {path} did not load: {error}", err=True)
+    for name, key in cfg.unset_env.items():
+        typer.echo(f"note: ${{{name}}} (in {key}) is not set here; `run` will need it", err=True)
     if cfg.llm.provider == "anthropic" and not os.environ.get("ANTHROPIC_API_KEY"):
         typer.echo("note: ANTHROPIC_API_KEY is not set; `run` will work without the LLM", err=True)
 
@@ -4788,7 +5200,13 @@ def run(
         bool, typer.Option("--dry-run", help="Print Slack messages instead of sending")
     ] = False,
 ) -> None:
-    """Poll the sources and process new items (until SIGTERM, or once)."""
+    """Poll the sources and process new items (until SIGTERM, or once).
+
+    Example: nohup agentwatch run -c /etc/agentwatch.toml &
+    """
+    # The database, its WAL and the log hold what people wrote and what the LLM
+    # made of it: whatever the login's umask, they are created 0600.
+    os.umask(0o077)
     cfg = open_config(config)
     setup_logging(cfg)
     lock = InstanceLock(cfg.db_path, cfg.pidfile_path)
@@ -4820,8 +5238,12 @@ def run(
 def preview(
     source_name: typing.Annotated[str, typer.Argument(metavar="SOURCE", help="A source's name")],
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Fetch a source now and show its items; changes nothing."""
+    """Fetch a source now and show its items; changes nothing.
+
+    Example: agentwatch preview hn-mentions
+    """
     cfg = open_config(config)
     setup_logging(cfg, logging.WARNING)
     source_config = next((s for s in cfg.sources if s.name == source_name), None)
@@ -4839,105 +5261,274 @@ def preview(
         finally:
             await src.http.aclose()
 
+    redact = redactor(cfg)
     try:
         items = asyncio.run(fetch())
     except StageError as e:
-        raise fail(AgentwatchError(f"{source_name}: {e}")) from None
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{source_name}: {len(items)} item(s)", show_lines=False)
-    for column in ("published", "id", "title", "author", "url", "match"):
-        table.add_column(column, overflow="fold")
+        raise fail(AgentwatchError(f"{source_name}: {safe(e, redact)}")) from None
+    state = src.describe_state(src.state)
+    if as_json:
+        echo_json({
+            "items": [{**dataclasses.asdict(item), "published_at": iso(item.published_at),
+                       "matches": source_config.matches(item)} for item in items],
+            "state": redact(state),
+        })  # fmt: skip
+        return
+    out = Out()
+    out.line((f"{source_name}: {len(items)} item(s)", "bold"))
     for item in items:
-        table.add_row(
-            iso(item.published_at) or "", item.item_id, item.title[:120], item.author,
-            item.url, "yes" if source_config.matches(item) else "no",
-        )  # fmt: skip
-    Console().print(table)
+        match = "match" if source_config.matches(item) else "no match (include/exclude)"
+        published = iso(item.published_at) or "no date"
+        out.line(f"{published}  ", (match, "green" if match == "match" else "yellow"))
+        out.line("  ", (safe(item.title or "(no title)", redact), "bold"), cut=True)
+        meta = " · ".join(p for p in (item.item_id, item.author and f"by {item.author}") if p)
+        out.line("  ", safe(meta, redact), cut=True)
+        if item.url:
+            out.line("  ", safe(item.url, redact))
     # A source that reports state changes (a URL check) has no items on a first
     # look; what it found is its state.
-    if state := src.describe_state(src.state):
-        Console().print(f"state: {state}")
+    if state:
+        out.line("state: ", safe(state, redact), cut=True)
 
 
 @app.command()
-def status(config: ConfigOption = None) -> None:
-    """Sources, last polls, failures, items and LLM cost today, DLQ depth."""
-    cfg = open_config(config)
-    store = open_store(cfg)
-    from rich.console import Console
-    from rich.table import Table
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Sources, last polls, failures, items and LLM cost today, DLQ depth.
 
-    rows = {r["name"]: r for r in store.sources()}
-    table = Table(title="sources")
-    for column in (
-        "name",
-        "type",
-        "last poll",
-        "last ok",
-        "failures",
-        "next poll",
-        "state / last error",
-    ):
-        table.add_column(column, overflow="fold")
-    for s in cfg.sources:
-        r = rows.get(s.name)
-        if r is None:
-            table.add_row(s.name, s.type, "never", "", "0", "at start", "")
-            continue
-        state = SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))
-        detail = " — ".join(p for p in (state, r["last_error"]) if p)
-        table.add_row(
-            s.name, s.type, iso(r["last_poll_at"]) or "never", iso(r["last_ok_at"]) or "never",
-            str(r["consecutive_failures"]), iso(r["next_poll_at"]) or "", detail,
-        )  # fmt: skip
-    midnight = utc_midnight()
+    Example: agentwatch status --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    now = time.time()
+    midnight = utc_midnight(now)
     counts = store.item_counts_since(midnight)
-    usage = store.usage_since(midnight)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"items today: {sum(counts.values())} ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
-    )  # fmt: skip
-    console.print(
+    usage = dict(store.usage_since(midnight))
+    dlq_depth = store.dlq_depth()
+    source_rows = store.sources()
+    if as_json:
+        echo_json({
+            "version": __version__,
+            "sources": source_reports(cfg, source_rows, now),
+            "today": {"since": iso(midnight), "items": sum(counts.values()),
+                      "items_by_status": counts, "llm": usage,
+                      "daily_budget_usd": cfg.llm.daily_budget_usd},
+            "dlq_depth": dlq_depth,
+        })  # fmt: skip
+        return
+    out = Out()
+    _status_sources(out, cfg, {r["name"]: r for r in source_rows}, now)
+    out.line()
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    out.line(f"items today: {sum(counts.values())}" + (f" ({by_status})" if by_status else ""))
+    out.line(
         f"LLM today: {usage['calls']} call(s), {usage['input_tokens']} input + "
         f"{usage['output_tokens']} output tokens, ${usage['cost_usd']:.4f}"
         + (f" of ${cfg.llm.daily_budget_usd:g} budget" if cfg.llm.daily_budget_usd else "")
     )
-    console.print(f"dead-letter queue: {store.dlq_depth()} item(s)")
+    out.line(f"dead-letter queue: {dlq_depth} item(s)", ("", "red" if dlq_depth else ""))
+
+
+def _status_sources(out: Out, cfg: Config, rows: dict[str, sqlite3.Row], now: float) -> None:
+    """One row per source, as a table when it fits the width, else each source's
+    name on its own line with its figures under it. A name is never cut or
+    wrapped; a state or an error has its own line (cut at the edge in a terminal)."""
+    if not cfg.sources:
+        out.line("no sources configured")
+        return
+    redact = redactor(cfg)
+    header = ("SOURCE", "TYPE", "LAST POLL", "LAST OK", "NEXT POLL", "FAILS")
+    table, details = [], []
+    for s in cfg.sources:
+        r = rows.get(s.name)
+        if r is None:
+            table.append((s.name, s.type, "never", "never", "at start", "0"))
+            details.append([])
+            continue
+        next_poll = r["next_poll_at"]
+        due = "due" if next_poll is not None and next_poll <= now else relative(next_poll, now)
+        table.append((s.name, s.type, relative(r["last_poll_at"], now),
+                      relative(r["last_ok_at"], now), due, str(r["consecutive_failures"])))  # fmt: skip
+        lines = []
+        if state := state_in_words(s.type, r["state"]):
+            lines.append(("", safe(state, redact)))
+        if r["last_error"]:
+            lines.append(("error: ", safe(r["last_error"], redact)))
+        details.append(lines)
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    fits = sum(widths) + 2 * (len(widths) - 1) <= out.width
+    if fits:
+        out.line(("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+                  "bold"))  # fmt: skip
+    for row, lines in zip(table, details, strict=True):
+        failing = row[5] != "0"
+        if fits:
+            cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+            out.line(("  ".join(cells[:5]) + "  ", ""), (row[5], "red" if failing else ""))
+        else:
+            out.line((row[0], "bold"))
+            out.line(f"  {row[1]} · polled {row[2]} · ok {row[3]} · next {row[4]} · ",
+                     (f"{row[5]} fails", "red" if failing else ""), cut=True)  # fmt: skip
+        for label, text in lines:
+            out.line("  ", (label, "red"), (text, "dim" if not label else ""), cut=True)
+
+
+@app.command()
+def items(
+    config: ConfigOption = None,
+    source: typing.Annotated[
+        str | None, typer.Option("--source", help="Only this source's items")
+    ] = None,
+    label: typing.Annotated[
+        str | None,
+        typer.Option(
+            "--label", help="Only items the LLM gave this label (relevant, negative, question, ...)"
+        ),
+    ] = None,
+    since: typing.Annotated[
+        str | None, typer.Option("--since", help='Only what came in within this long: "1d", "6h"')
+    ] = None,
+    search: typing.Annotated[
+        str | None, typer.Option("--search", help="Only items whose text contains this")
+    ] = None,
+    limit: typing.Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """What came in, newest first: stage, labels, summary and link. The number
+    in front is the ID other commands take (dlq show, dlq retry).
+
+    Example: agentwatch items --since 1d --label question --search pricing
+    """
+    cfg = open_config(config, read_only=True)
+    if label is not None and label not in LABELS:
+        raise typer.BadParameter(
+            f"{label!r} is not a label (labels: {', '.join(sorted(LABELS))})", param_hint="--label"
+        )
+    cutoff = None
+    if since is not None:
+        try:
+            cutoff = time.time() - parse_duration(since, "--since")
+        except ConfigError as e:
+            raise typer.BadParameter(
+                str(e).removeprefix("--since: "), param_hint="--since"
+            ) from None
+    store = open_store(cfg)
+    if source is not None:
+        known = {s.name for s in cfg.sources} | {r["name"] for r in store.sources()}
+        if source not in known:
+            raise typer.BadParameter(
+                f"no source named {source!r} (sources: {', '.join(sorted(known)) or 'none'})",
+                param_hint="--source",
+            )
+    rows = store.newest_items(source=source, label=label, since=cutoff, search=search, limit=limit)
+    redact = redactor(cfg)
+    if as_json:
+        echo_json([_item_json(r, redact) for r in rows])
+        return
+    out = Out()
+    if not rows:
+        out.line("no items" + (" match" if (source or label or since or search) else " yet"))
+        return
+    now = time.time()
+    id_width = max(len(str(r["id"])) for r in rows)
+    for r in rows:
+        stage, style = _item_stage(r)
+        labels = item_labels(r)
+        out.line((str(r["id"]).rjust(id_width), "bold cyan"),
+                 f"  {relative(r['created_at'], now)}  {r['source']}  ", (stage, style),
+                 f"  {labels}" if labels else "", cut=True)  # fmt: skip
+        pad = " " * (id_width + 2)
+        out.line(pad, (safe(r["title"] or "(no title)", redact), "bold"), cut=True)
+        if summary := item_summary(r):
+            out.line(pad, safe(summary, redact), cut=True)
+        if r["note"]:
+            out.line(pad, (safe(r["note"], redact), "dim"), cut=True)
+        if r["last_error"] and r["status"] in ("pending", "dead"):
+            out.line(pad, ("error: ", "red"), safe(r["last_error"], redact), cut=True)
+        if r["url"]:
+            out.line(pad, (safe(r["url"], redact), "blue"))
+
+
+def _item_stage(row: sqlite3.Row) -> tuple[str, str]:
+    """What became of an item, in a word or two, and its colour in a terminal."""
+    status, stage = row["status"], row["stage"]
+    if status == "pending":
+        tries = f" (after {row['attempts']} failed)" if row["attempts"] else ""
+        return f"pending {stage}{tries}", "yellow"
+    if status == "dead":
+        return f"dead at {stage}", "red"
+    if status == "done":
+        return ("notified", "green") if row["notified_at"] else ("done", "green")
+    return status, "dim"  # seen, skipped, dropped
+
+
+def _item_json(row: sqlite3.Row, redact: Callable[[Any], str]) -> dict:
+    classification = json.loads(row["classification"]) if row["classification"] else None
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "item_id": row["item_id"],
+        "title": redact(row["title"]),
+        "url": redact(row["url"]),
+        "author": row["author"],
+        "published_at": iso(row["published_at"]),
+        "created_at": iso(row["created_at"]),
+        "status": row["status"],
+        "stage": row["stage"],
+        "attempts": row["attempts"],
+        "labels": sorted(labels_of(classification)),
+        "classification": classification,
+        "summary": redact(item_summary(row)),
+        "draft": row["draft"],
+        "note": row["note"],
+        "error": redact(row["last_error"]),
+        "notified_at": iso(row["notified_at"]),
+    }
 
 
 @dlq_app.command("list")
-def dlq_list(
-    config: ConfigOption = None,
-    as_json: typing.Annotated[bool, typer.Option("--json", help="A JSON array")] = False,
-) -> None:
-    """Items in the dead-letter queue."""
-    store = open_store(open_config(config))
-    dead = [dead_letter_json(r) for r in store.dead()]
+def dlq_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Items in the dead-letter queue.
+
+    Example: agentwatch dlq list --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    redact = redactor(cfg)
+    dead = [
+        {
+            k: redact(v) if k in ("title", "url", "error") else v
+            for k, v in dead_letter_json(r).items()
+        }
+        for r in store.dead()
+    ]
     if as_json:
-        typer.echo(json.dumps(dead, indent=2))
+        echo_json(dead)
         return
+    out = Out()
     if not dead:
-        typer.echo("the dead-letter queue is empty")
+        out.line("the dead-letter queue is empty")
         return
     for d in dead:
-        typer.echo(
-            f"{d['id']:>6}  {d['failed_at']}  {d['source']}  {d['stage']}  "
-            f"x{d['attempts']}  {d['item_id']}\n        {d['title'][:100]}\n        {d['error']}"
-        )
+        out.line((f"{d['id']:>6}", "bold cyan"),
+                 printable(f"  {d['failed_at']}  {d['source']}  {d['stage']}  x{d['attempts']}  "
+                           f"{d['item_id']}"), cut=True)  # fmt: skip
+        out.line("        ", printable(d["title"][:100]), cut=True)
+        out.line("        ", (printable(d["error"]), "red"), cut=True)
 
 
 @dlq_app.command("show")
 def dlq_show(id: int, config: ConfigOption = None) -> None:
-    """Everything stored about one dead-lettered item."""
-    store = open_store(open_config(config))
+    """Everything stored about one dead-lettered item (JSON).
+
+    Example: agentwatch dlq show 1234
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
     row = store.item(id)
     if row is None or row["status"] != "dead":
         raise fail(AgentwatchError(f"no dead-lettered item with id {id}"))
-    shown = dict(row)
+    redact = redactor(cfg)
+    shown = {k: redact(v) if isinstance(v, str) else v for k, v in dict(row).items()}
     for key in (
         "published_at",
         "next_attempt_at",
@@ -4949,7 +5540,7 @@ def dlq_show(id: int, config: ConfigOption = None) -> None:
         shown[key] = iso(shown[key])
     for key in ("classification", "extra"):
         shown[key] = json.loads(shown[key]) if shown[key] else None
-    typer.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+    echo_json(shown)
 
 
 def _ids_or_all(ids: list[int] | None, all_: bool) -> list[int] | None:
@@ -4964,8 +5555,11 @@ def dlq_retry(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Resume items at the stage that failed; a running process picks them up."""
-    store = open_store(open_config(config))
+    """Resume items at the stage that failed; a running process picks them up.
+
+    Example: agentwatch dlq retry 1234 1240
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_retry(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) queued for retry")
 
@@ -4976,8 +5570,11 @@ def dlq_drop(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Give up on items for good (they stay recorded, so they are never fetched again)."""
-    store = open_store(open_config(config))
+    """Give up on items for good (they stay recorded, so they are never fetched again).
+
+    Example: agentwatch dlq drop --all
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_drop(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) dropped")
 

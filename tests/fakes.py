@@ -803,6 +803,8 @@ class FakeSlackAPI(_FakeServer):
         if problem := self._problem(args):
             return 200, {"ok": False, "error": problem}, {}
         message.update(text=args.get("text", ""), blocks=args.get("blocks", []))
+        if args.get("metadata"):
+            message["metadata"] = args["metadata"]
         message["edited"] = {"user": self.BOT_USER, "ts": message["ts"]}
         return 200, {"ok": True, "channel": channel, "ts": message["ts"],
                      "text": message["text"]}, {}  # fmt: skip
