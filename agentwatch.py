@@ -5919,7 +5919,10 @@ def feedback(
     verdict: typing.Annotated[str, typer.Argument(metavar="relevant|irrelevant")],
     config: ConfigOption = None,
 ) -> None:
-    """Tell classification whether an item was relevant; later items learn from it."""
+    """Tell classification whether an item was relevant; later items learn from it.
+
+    Example: agentwatch feedback 1234 irrelevant
+    """
     if verdict not in FEEDBACK_VERDICTS:
         raise typer.BadParameter(f"{verdict!r} is not one of: {', '.join(FEEDBACK_VERDICTS)}")
     store = open_store(open_config(config, read_only=True))  # it sends nothing
@@ -5932,7 +5935,10 @@ def feedback(
 
 @app.command()
 def estimate(config: ConfigOption = None) -> None:
-    """Expected LLM spend per source and in total, per day and per month."""
+    """Expected LLM spend per source and in total, per day and per month.
+
+    Example: agentwatch estimate
+    """
     cfg = open_config(config, read_only=True)
     store = open_store(cfg)
     typer.echo(estimate_report(spend_estimate(store, cfg, time.time()), cfg))
@@ -5950,7 +5956,10 @@ def replay(
         bool, typer.Option("--estimate", help="Call no LLM: print what it would cost")
     ] = False,
 ) -> None:
-    """Classify stored items again under this config; post nothing, print what changes."""
+    """Classify stored items again under this config; post nothing, print what changes.
+
+    Example: agentwatch replay -c tighter.toml --since 3d --drafts
+    """
     cfg = open_config(config, read_only=True)  # it posts nothing
     try:
         window = parse_duration(since, "--since")
