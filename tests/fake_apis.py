@@ -431,13 +431,128 @@ class FakeGitHub(_API):
         return Response(200, json.dumps(body).encode(), headers)
 
 
+# ###########################################################################
+# Mastodon (tag timeline, search)
+# ###########################################################################
+
+_status_ids = itertools.count(117_100_000_000_000_000)
+
+
+def md_status(text: str = "Acme is neat", tag: str = "acme", acct: str = "someone@example.social",
+              spoiler: str = "", reply_to: str | None = None, created: float | None = None,
+              id: str | None = None) -> dict:  # fmt: skip
+    """A status shaped like the recorded tag timeline's (HTML content, string ids)."""
+    status = copy.deepcopy(_load("mastodon/timeline_tag_page1_link_header.json")["body"][0])
+    sid = id or str(next(_status_ids))
+    created = created or time.time()
+    user = acct.split("@")[0]
+    status.update(
+        id=sid, created_at=_iso(created).replace("Z", ".000Z"), spoiler_text=spoiler,
+        in_reply_to_id=reply_to, uri=f"https://example.social/users/{user}/statuses/{sid}",
+        url=f"https://example.social/@{user}/{sid}",
+        content=f'<p>{text} <a href="https://example.social/tags/{tag}" class="mention hashtag" '
+        f'rel="tag">#<span>{tag}</span></a></p>',
+        tags=[{"name": tag, "url": f"https://example.social/tags/{tag}"}],
+    )  # fmt: skip
+    status["account"] = {**status["account"], "acct": acct, "username": user,
+                         "url": f"https://example.social/@{user}"}  # fmt: skip
+    return status
+
+
+class FakeMastodon(_API):
+    """`GET /api/v1/timelines/tag/:tag` and `GET /api/v2/search?type=statuses` (needs a
+    token): `since_id`, `min_id`, `max_id`, `limit` (at most 40), newest first; a
+    `Link` header with rel=next (max_id) and rel=prev (min_id). Tokens:
+    `add_token(t)`; an unknown one is 401 {"error": "The access token is invalid"}.
+    `public_tags = False` closes tag timelines to requests without a token (401),
+    as servers with `timelines_access` set do. Every answer carries
+    X-RateLimit-Limit/-Remaining and -Reset as an ISO time; over the limit: 429."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[dict] = []
+        self._tokens: set[str] = set()
+        self.public_tags = True
+
+    def add(self, *statuses: dict) -> None:
+        with self._cond:
+            for status in statuses:
+                self.statuses.insert(0, status)
+
+    def add_token(self, token: str) -> None:
+        with self._cond:
+            self._tokens.add(token)
+
+    def error(self, status: int, *more: Any) -> Response:
+        from http import HTTPStatus
+
+        body = {"error": more[0] if more else HTTPStatus(status).phrase}
+        return Response(status, json.dumps(body).encode(), dict(_JSON))
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        auth = request.headers.get("authorization", "")
+        token = auth.split(" ", 1)[1].strip() if " " in auth else ""
+        if auth and token not in self._tokens:
+            return self.error(401, "The access token is invalid")
+        headers = dict(_JSON)
+        counted = self.count(f"token {token}" if token else f"address {request.peer[0]}")
+        if counted:
+            limit, used, reset = counted
+            stamp = dt.datetime.fromtimestamp(reset, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            headers.update({"X-RateLimit-Limit": str(limit),
+                            "X-RateLimit-Remaining": str(max(0, limit - used)),
+                            "X-RateLimit-Reset": stamp})  # fmt: skip
+            if used > limit:
+                response = self.error(429, "Too many requests")
+                response.headers.update(headers)
+                return response
+        key = lambda s: (len(s["id"]), s["id"])  # noqa: E731
+        if m := re.fullmatch(r"/api/v1/timelines/tag/(\w+)", request.path):
+            if not token and not self.public_tags:
+                return self.error(401, "This method requires an authenticated user")
+            with self._cond:
+                found = [s for s in self.statuses
+                         if any(t["name"].lower() == m.group(1).lower() for t in s["tags"])]  # fmt: skip
+            search = False
+        elif request.path == "/api/v2/search":
+            if not token:
+                return self.error(401, "This method requires an authenticated user")
+            words = str(query.get("q", "")).split()
+            with self._cond:
+                found = [s for s in self.statuses if _words_match(words, s["content"])]
+            search = True
+        else:
+            return self.error(404, "Record not found")
+        found.sort(key=key, reverse=True)
+        for name, keep in (("since_id", lambda s, v: key(s) > v), ("min_id", lambda s, v: key(s) > v),
+                           ("max_id", lambda s, v: key(s) < v)):  # fmt: skip
+            if value := query.get(name):
+                found = [s for s in found if keep(s, (len(value), value))]
+        limit = min(40, int(query.get("limit", 20)))
+        # min_id on a timeline: the oldest ones right after it; else the newest.
+        page = found[-limit:] if query.get("min_id") and not search else found[:limit]
+        if page:
+            base = f"http://127.0.0.1:{self.port}{request.path}?"
+            plain = {k: v for k, v in query.items() if k not in ("since_id", "min_id", "max_id")}
+            headers["Link"] = (
+                f'<{base}{urlencode({**plain, "max_id": page[-1]["id"]})}>; rel="next", '
+                f'<{base}{urlencode({**plain, "min_id": page[0]["id"]})}>; rel="prev"'
+            )
+        body: Any = copy.deepcopy(page)
+        if search:
+            body = {"accounts": [], "statuses": body, "hashtags": [], "collections": []}
+        return Response(200, json.dumps(body).encode(), headers)
+
+
 __all__ = [
     "CORPUS",
     "FakeGitHub",
     "FakeHN",
+    "FakeMastodon",
     "corpus",
     "gh_issue",
     "hn_comment",
     "hn_story",
+    "md_status",
     "new_id",
 ]
