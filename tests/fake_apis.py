@@ -544,15 +544,137 @@ class FakeMastodon(_API):
         return Response(200, json.dumps(body).encode(), headers)
 
 
+# ###########################################################################
+# Stack Exchange (search/advanced)
+# ###########################################################################
+
+
+def se_question(title: str = "How do I use Acme?", body: str = "<p>It fails &amp; I don&#39;t know why</p>",
+                name: str | None = "Andr&#233; Caron", tags: list[str] | None = None,
+                created: float | None = None, id: int | None = None) -> dict:  # fmt: skip
+    """A question shaped like the recorded ones (HTML-encoded title and name)."""
+    question = copy.deepcopy(
+        _load("stackexchange/questions_tagged_openshift_has_more.json")["body"]["items"][0]
+    )
+    qid, created = id or new_id(), created or time.time()
+    question.update(
+        question_id=qid, title=title, body=body, tags=tags or ["acme"],
+        creation_date=int(created), last_activity_date=int(created),
+        link=f"https://stackoverflow.com/questions/{qid}/q",
+    )  # fmt: skip
+    if name is None:
+        question.pop("owner")
+    else:
+        question["owner"] = {**question["owner"], "display_name": name}
+    return question
+
+
+class FakeStackExchange(_API):
+    """`GET /2.3/search/advanced`: `site`, `q` (words in title or body), `tagged`
+    (";" = all of them), `fromdate`, `sort=creation`, `order`, `pagesize`, `page`;
+    the wrapper has `items`, `has_more`, `quota_max`, `quota_remaining` (counted
+    per key, per address without one; `quota` sets the daily amount) and, when
+    `backoff` is set, `backoff` (a request sooner than that many seconds after it
+    is answered with the recorded "Violation of backoff parameter" error).
+    Errors are HTTP 400 with `error_id`/`error_name`/`error_message`, as the
+    real API answers. Keys: `add_key(k)`; an unknown one is a 400 bad_parameter
+    "key". `gzip_always = True` sends every answer gzipped without a
+    Content-Encoding header (the API documents both). Faults: ("error", id,
+    name, message) an error wrapper; ("backoff", seconds) a backoff on this answer."""
+
+    def __init__(self, quota: int = 300) -> None:
+        super().__init__()
+        self.questions: list[dict] = []
+        self._keys: set[str] = set()
+        self.quota = quota
+        self._used: dict[str, int] = {}
+        self.backoff: int | None = None
+        self._backoff_until: dict[str, float] = {}
+        self.gzip_always = False
+
+    def add(self, *questions: dict) -> None:
+        with self._cond:
+            self.questions.extend(questions)
+
+    def add_key(self, key: str) -> None:
+        with self._cond:
+            self._keys.add(key)
+
+    def _wrap(self, status: int, body: dict) -> Response:
+        data = json.dumps(body).encode()
+        if self.gzip_always:
+            import gzip
+
+            data = gzip.compress(data)
+        return Response(status, data, dict(_JSON))
+
+    def error(self, status: int, *more: Any) -> Response:
+        names = {400: "bad_parameter", 404: "no_method", 500: "internal_error",
+                 502: "throttle_violation", 503: "temporarily_unavailable"}  # fmt: skip
+        return self._wrap(400 if status < 500 or status == 502 else status,
+                          {"error_id": status, "error_name": names.get(status, "error"),
+                           "error_message": more[0] if more else names.get(status, "error")})  # fmt: skip
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        name = fault[0] if fault else None
+        if name == "error":
+            return self._wrap(400, {"error_id": fault[1], "error_name": fault[2],
+                                    "error_message": fault[3]})  # fmt: skip
+        if request.path != "/2.3/search/advanced":
+            return self.error(404, "no method found with this name")
+        key = str(query.get("key", ""))
+        if key and key not in self._keys:
+            return self.error(400, "key")
+        who = f"key {key}" if key else f"address {request.peer[0]}"
+        now = time.monotonic()
+        with self._cond:
+            if now < self._backoff_until.get(who, 0.0):
+                return self._wrap(
+                    400, corpus("stackexchange/error_502_throttle_violation_backoff.json")["body"]
+                )
+            used = self._used.get(who, 0) + 1
+            self._used[who] = used
+            quota_max = 10000 if key else self.quota
+            if used > quota_max:
+                return self._wrap(400, {"error_id": 502, "error_name": "throttle_violation",
+                                        "error_message": "too many requests from this IP"})  # fmt: skip
+        words = str(query.get("q", "")).split()
+        tags = [t for t in str(query.get("tagged", "")).split(";") if t]
+        since = int(query.get("fromdate", 0))
+        with self._cond:
+            found = [q for q in self.questions if q["creation_date"] >= since
+                     and all(t in q["tags"] for t in tags) and _words_match(words, q["title"], q.get("body"))]  # fmt: skip
+        found.sort(key=lambda q: q["creation_date"], reverse=query.get("order", "desc") == "desc")
+        size, page = min(100, int(query.get("pagesize", 30))), int(query.get("page", 1))
+        chosen = copy.deepcopy(found[(page - 1) * size : page * size])
+        if query.get("filter") != "withbody":
+            for q in chosen:
+                q.pop("body", None)
+        body = {"items": chosen, "has_more": page * size < len(found), "quota_max": quota_max,
+                "quota_remaining": max(0, quota_max - used)}  # fmt: skip
+        backoff = fault[1] if name == "backoff" else self.backoff
+        if backoff:
+            body["backoff"] = backoff
+            with self._cond:
+                self._backoff_until[who] = time.monotonic() + backoff
+        return self._wrap(200, body)
+
+    def quota_used(self, who: str) -> int:
+        with self._cond:
+            return self._used.get(who, 0)
+
+
 __all__ = [
     "CORPUS",
     "FakeGitHub",
     "FakeHN",
     "FakeMastodon",
+    "FakeStackExchange",
     "corpus",
     "gh_issue",
     "hn_comment",
     "hn_story",
     "md_status",
     "new_id",
+    "se_question",
 ]
