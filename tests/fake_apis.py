@@ -664,12 +664,165 @@ class FakeStackExchange(_API):
             return self._used.get(who, 0)
 
 
+# ###########################################################################
+# Bluesky (a PDS: createSession, refreshSession, searchPosts)
+# ###########################################################################
+
+_rkeys = itertools.count(10**12)
+
+
+def bs_post(text: str = "acme is neat", handle: str = "someone.bsky.social",
+            reply: bool = False, indexed: float | None = None, naive: bool = False) -> dict:  # fmt: skip
+    """A postView shaped like the recorded searchPosts ones."""
+    post = copy.deepcopy(_load("bluesky/searchPosts_q_redistricting.json")["body"]["posts"][0])
+    indexed = indexed or time.time()
+    did = f"did:plc:{handle.split('.')[0]}"
+    rkey = f"3l{next(_rkeys):x}"
+    created = dt.datetime.fromtimestamp(indexed - 0.2, dt.UTC)
+    post.update(uri=f"at://{did}/app.bsky.feed.post/{rkey}", cid=f"bafy{rkey}",
+                indexedAt=_iso(indexed).replace("Z", f".{int(indexed * 1000) % 1000:03d}Z"))  # fmt: skip
+    post["author"] = {**post["author"], "did": did, "handle": handle, "labels": []}
+    post["record"] = {"$type": "app.bsky.feed.post", "text": text, "langs": ["en"],
+                      "createdAt": created.strftime("%Y-%m-%dT%H:%M:%S.%f") + ("" if naive else "Z")}  # fmt: skip
+    if reply:
+        parent = {"uri": f"at://{did}/app.bsky.feed.post/parent", "cid": "bafyparent"}
+        post["record"]["reply"] = {"root": parent, "parent": parent}
+    return post
+
+
+def _jwt(claims: dict) -> str:
+    import base64
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'typ': 'at+jwt', 'alg': 'ES256K'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class FakeBluesky(_API):
+    """A PDS: `POST /xrpc/com.atproto.server.createSession` ({identifier, password} →
+    {accessJwt, refreshJwt, handle, did}; a wrong pair is 401 AuthenticationRequired),
+    `POST /xrpc/com.atproto.server.refreshSession` (Bearer refreshJwt → a new
+    pair; an unknown one is 400 ExpiredToken), and `GET
+    /xrpc/app.bsky.feed.searchPosts` (Bearer accessJwt; `q` words in the text,
+    `sort=latest`, `since` ISO, `limit`, `cursor` an offset string): an expired
+    access token is 400 {"error": "ExpiredToken"}, a request without one 403, as
+    Bluesky's AppView now answers. JWTs carry a real `exp` (`access_ttl`).
+    Answers carry RateLimit-Limit/-Remaining/-Reset (epoch)/-Policy; over the
+    limit: 429 RateLimitExceeded. `expire_tokens()` ends every access token."""
+
+    def __init__(self, access_ttl: float = 7200) -> None:
+        super().__init__()
+        self.posts: list[dict] = []
+        self.access_ttl = access_ttl
+        self._accounts: dict[str, str] = {}
+        self._access: dict[str, float] = {}  # token → expires (time.time())
+        self._refresh: set[str] = set()
+        self.sessions_created = 0
+        self.sessions_refreshed = 0
+
+    def add(self, *posts: dict) -> None:
+        with self._cond:
+            for post in posts:
+                self.posts.insert(0, post)
+
+    def add_account(self, handle: str, password: str) -> None:
+        with self._cond:
+            self._accounts[handle] = password
+
+    def expire_tokens(self) -> None:
+        with self._cond:
+            self._access = dict.fromkeys(self._access, 0.0)
+
+    def error(self, status: int, *more: Any) -> Response:
+        code = more[0] if more else {400: "InvalidRequest", 401: "AuthenticationRequired",
+                                     429: "RateLimitExceeded"}.get(status, "InternalServerError")  # fmt: skip
+        message = more[1] if len(more) > 1 else code
+        return Response(
+            status, json.dumps({"error": code, "message": message}).encode(), dict(_JSON)
+        )
+
+    def _session(self, handle: str) -> dict:
+        now = time.time()
+        access = _jwt({"scope": "com.atproto.appPass", "sub": f"did:plc:{handle}", "iat": int(now),
+                       "exp": int(now + self.access_ttl), "jti": os.urandom(6).hex()})  # fmt: skip
+        refresh = _jwt({"scope": "com.atproto.refresh", "sub": f"did:plc:{handle}",
+                        "exp": int(now + 90 * 86400), "jti": os.urandom(6).hex()})  # fmt: skip
+        with self._cond:
+            self._access[access] = now + self.access_ttl
+            self._refresh.add(refresh)
+        return {"accessJwt": access, "refreshJwt": refresh, "handle": handle,
+                "did": f"did:plc:{handle}", "active": True}  # fmt: skip
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        headers = dict(_JSON)
+        counted = self.count(f"address {request.peer[0]}")
+        if counted:
+            limit, used, reset = counted
+            headers.update({"RateLimit-Limit": str(limit), "RateLimit-Remaining": str(max(0, limit - used)),
+                            "RateLimit-Reset": str(math.ceil(reset)), "RateLimit-Policy": f"{limit};w=300"})  # fmt: skip
+            if used > limit:
+                response = self.error(429, "RateLimitExceeded", "Rate Limit Exceeded")
+                response.headers.update(headers)
+                return response
+        auth = request.headers.get("authorization", "")
+        token = auth.split(" ", 1)[1].strip() if " " in auth else ""
+        if request.path == "/xrpc/com.atproto.server.createSession" and request.method == "POST":
+            try:
+                body = request.json()
+            except ValueError:
+                return self.error(400, "InvalidRequest", "Request body must be JSON")
+            handle, password = body.get("identifier"), body.get("password")
+            with self._cond:
+                known = self._accounts.get(handle) == password and password is not None
+                self.sessions_created += known
+            if not known:
+                return self.error(401, "AuthenticationRequired", "Invalid identifier or password")
+            return Response(200, json.dumps(self._session(handle)).encode(), headers)
+        if request.path == "/xrpc/com.atproto.server.refreshSession" and request.method == "POST":
+            with self._cond:
+                known = token in self._refresh
+                self._refresh.discard(token)  # a refresh token is used once
+                self.sessions_refreshed += known
+            if not known:
+                return self.error(400, "ExpiredToken", "Token has expired")
+            handle = next(iter(self._accounts), "someone")
+            return Response(200, json.dumps(self._session(handle)).encode(), headers)
+        if request.path != "/xrpc/app.bsky.feed.searchPosts":
+            return self.error(501, "MethodNotImplemented", "Method Not Implemented")
+        if not token:
+            return Response(
+                403, b"Request forbidden by administrative rules", {"Content-Type": "text/plain"}
+            )
+        with self._cond:
+            expires = self._access.get(token)
+        if expires is None:
+            return self.error(401, "AuthenticationRequired", "Invalid token")
+        if time.time() >= expires:
+            return self.error(400, "ExpiredToken", "Token has expired")
+        words = str(query.get("q", "")).split()
+        since = _parse_iso(query["since"]) if query.get("since") else 0.0
+        with self._cond:
+            found = [p for p in self.posts if _words_match(words, p["record"]["text"])
+                     and _parse_iso(p["indexedAt"]) >= since]  # fmt: skip
+        found.sort(key=lambda p: p["indexedAt"], reverse=True)
+        limit = min(100, int(query.get("limit", 25)))
+        start = int(query.get("cursor", 0))
+        page = copy.deepcopy(found[start : start + limit])
+        body: dict = {"posts": page}
+        if start + limit < len(found):
+            body["cursor"] = str(start + limit)
+        return Response(200, json.dumps(body).encode(), headers)
+
+
 __all__ = [
     "CORPUS",
+    "FakeBluesky",
     "FakeGitHub",
     "FakeHN",
     "FakeMastodon",
     "FakeStackExchange",
+    "bs_post",
     "corpus",
     "gh_issue",
     "hn_comment",
