@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import hmac
 import importlib.util
 import json
 import logging
@@ -179,11 +181,22 @@ def parse_size(value: Any, key: str) -> ByteSize:
     return ByteSize(int(value))
 
 
+# While a read-only command loads the config, an unset ${VAR} is noted here
+# (name -> the key that uses it) and left as written, instead of failing.
+_UNSET_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "unset_env", default=None
+)
+
+
 def expand_env(value: str, key: str) -> str:
     def substitute(m: re.Match) -> str:
         name = m.group(1)
         if name not in os.environ:
-            raise ConfigError(key, f"environment variable {name} is not set")
+            unset = _UNSET_ENV.get()
+            if unset is None:
+                raise ConfigError(key, f"environment variable {name} is not set")
+            unset.setdefault(name, key)
+            return m.group(0)
         return os.environ[name]
 
     return _ENV_REF.sub(substitute, value)
@@ -288,6 +301,7 @@ class Settings:
     # Bodies and drafts of finished items older than this are cleared daily (their
     # ids stay, so nothing is fetched as new again); 0 keeps everything.
     retention: Duration = Duration(90 * 86400)
+    hooks: str = ""  # POST /hooks/<name> on its own listener; "" = on the health one
 
 
 @dataclass
@@ -369,6 +383,8 @@ class Config:
     slack: SlackSettings
     sources: list[SourceConfig]
     knowledge: Knowledge = field(default_factory=lambda: Knowledge())  # [llm] knowledge, read
+    # ${VAR}s that were unset when a read-only command loaded it: name -> key.
+    unset_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -445,8 +461,20 @@ def config_path(given: str | Path | None) -> Path:
     return Path(given or os.environ.get("AGENTWATCH_CONFIG") or "agentwatch.toml").resolve()
 
 
-def load_config(given: str | Path | None = None) -> Config:
-    path = config_path(given)
+def load_config(given: str | Path | None = None, *, allow_unset: bool = False) -> Config:
+    """The config at `given`. With `allow_unset` (commands that only read), a
+    ${VAR} that is not set stays as written and is listed in `unset_env`."""
+    unset: dict[str, str] = {}
+    token = _UNSET_ENV.set(unset if allow_unset else None)
+    try:
+        config = _load_config(config_path(given))
+    finally:
+        _UNSET_ENV.reset(token)
+    config.unset_env = unset
+    return config
+
+
+def _load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -478,6 +506,7 @@ def load_config(given: str | Path | None = None) -> Config:
             raise ConfigError(f"sources[{i}].name", f"{source.name!r} is used twice")
         seen.add(source.name)
         config.sources.append(source)
+    check_hooks(config)
     return config
 
 
@@ -1010,6 +1039,47 @@ class Store:
     def stage_counts(self) -> dict[tuple[str, str], int]:
         return item_counts(self.db)
 
+    def newest_items(
+        self, *, source: str | None = None, label: str | None = None,
+        since: float | None = None, search: str | None = None, limit: int = 50,
+    ) -> list[sqlite3.Row]:  # fmt: skip
+        """Stored items, newest first (`agentwatch items`). `label` is one of LABELS;
+        `search` a case-insensitive substring of title, body, summary, author or url."""
+        where, args = [], []
+        if source:
+            where.append("source = ?")
+            args.append(source)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if label == "relevant":
+            where.append("json_extract(classification, '$.relevant') = 1")
+        elif label:
+            key = "$.sentiment" if label in SENTIMENTS else "$.intent"
+            where.append(f"json_extract(classification, '{key}') = ?")
+            args.append(label)
+        if search:
+            pattern = "%" + re.sub(r"([%_\\])", r"\\\1", search) + "%"
+            where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
+            args.extend([pattern] * len(_SEARCHED))
+        sql = "SELECT * FROM items" + (" WHERE " + " AND ".join(where) if where else "")
+        return self.db.execute(
+            sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database in `target`, by SQLite's online backup.
+        One step: under WAL it reads one snapshot while writers carry on, where a
+        stepped backup would restart each time `run` commits."""
+        target = Path(target)
+        dest = sqlite3.connect(target)
+        try:
+            self.db.backup(dest)
+            # A single self-contained file, with no -wal beside it.
+            dest.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            dest.close()
+
     # --- deliveries (Slack app mode) -------------------------------------------
 
     def delivery(self, row_id: int, destination: str) -> sqlite3.Row | None:
@@ -1130,6 +1200,17 @@ def damaged_database(path: Path, error: sqlite3.Error) -> CannotStart | None:
         f"read: `sqlite3 {path} .recover | sqlite3 {path}.recovered`, move {path} and its "
         f"-wal and -shm files aside, and {path}.recovered to {path}"
     )
+
+
+# What `agentwatch items --search` looks in.
+_SEARCHED = (
+    "title",
+    "body",
+    "author",
+    "url",
+    "summary",
+    "json_extract(classification, '$.summary')",
+)
 
 
 def _id_filter(ids: list[int] | None) -> tuple[str, list[int]]:
@@ -1509,6 +1590,9 @@ class Source:
     # "report": the type decides itself what is new (url checks).
     first_poll: ClassVar[Literal["baseline", "report"]] = "baseline"
     llm_stages: ClassVar[dict[str, LLMStage]] = {}
+    # True under `agentwatch preview`, which stores nothing: look, do not take
+    # (a queue source peeks at its newest entries instead of consuming them).
+    previewing: bool = False
 
     def __init__(self, config: SourceConfig, settings: Settings, http: Any, shared: dict):
         self.config = config
@@ -1814,31 +1898,32 @@ _MARKUP = re.compile(
     re.DOTALL,
 )
 _HIDDEN = ("script", "style")  # elements whose content is not text
+_SPACES = re.compile(r"[^\S\0]+")  # whitespace, but not the NUL standing for a break
 
 
 def markup_text(
-    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset = frozenset()
+    html: str, hidden: tuple[str, ...] = _HIDDEN, breaks: frozenset[str] = frozenset()
 ) -> str:
     """Markup to text in one linear pass over at most HTML_INPUT_LIMIT characters:
-    tags and comments become spaces (a tag named in `breaks` a newline), the
-    content of `hidden` elements is dropped, entities are decoded. Whitespace is
-    left as it was. The machinery of html_to_text and of a page's visible text."""
+    runs of whitespace become one space (in HTML a line break is a space), tags and
+    comments too, except that a tag named in `breaks` becomes a newline; the content
+    of `hidden` elements is dropped; entities are decoded. The machinery of
+    html_to_text and of a page's visible text."""
     import html as html_module
 
-    html = html[:HTML_INPUT_LIMIT]
-    lowered: str | None = None
+    html = html[:HTML_INPUT_LIMIT].replace("\0", "")  # NUL marks a break below
     out, pos = [], 0
     while match := _MARKUP.search(html, pos):
         out.append(html[pos : match.start()])
         name = (match["name"] or "").lower()
-        out.append("\n" if name in breaks else " ")
+        out.append("\0" if name in breaks else " ")
         pos = match.end()
-        if name in hidden and not match["close"]:
-            lowered = lowered or html.lower()
-            end = lowered.find(f"</{name}", pos)
-            pos = len(html) if end < 0 else end
+        if name in hidden and not match["close"]:  # skip to its end tag, or to the end
+            end = re.compile(f"</{name}", re.IGNORECASE).search(html, pos)
+            pos = end.start() if end else len(html)
     out.append(html[pos:])
-    return html_module.unescape("".join(out))
+    text = _SPACES.sub(" ", "".join(out)).replace("\0", "\n")
+    return html_module.unescape(text)
 
 
 def html_to_text(html: str) -> str:
@@ -3154,6 +3239,13 @@ class Pipeline:
             elif own is not None:
                 fields["summary"], usage = await self.rt.llm.source_stage(row, stage, own, config)
                 outcome = "ok"
+            elif stage == "ingest":
+                # A source stored an item it could not take in properly (a queue entry
+                # delivered past max_deliveries): dead on arrival; `dlq retry` takes it in.
+                reason = json.loads(row["extra"] or "{}").get("dead_letter")
+                if reason and row["failed_at"] is None:
+                    raise PermanentError(reason)
+                outcome = "ok"
             elif stage == "notify":
                 await self.rt.slack.deliver(row, config, dry_run=self.rt.dry_run)
                 if self.rt.dry_run:
@@ -3362,7 +3454,24 @@ POLLS_AT_ONCE = 50  # concurrent polls: a start-up burst never holds 1,000 answe
 START_SPREAD = 60.0  # seconds over which sources overdue at start are spread
 SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 # [agentwatch] keys a SIGHUP cannot change: the process is built on them.
-RESTART_KEYS = ("db", "pidfile", "health")
+RESTART_KEYS = ("db", "pidfile", "health", "hooks")
+
+
+# C0 and C1 controls (ANSI/OSC escapes start with ESC or the 8-bit CSI/OSC),
+# DEL, and the invisible marks that reorder text (bidi overrides).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: Any) -> str:
+    """Outside text made safe for a terminal or a log line: each control
+    character is shown as an escape (\\x1b, \\n, \\u202e), so a title cannot
+    move the cursor, retitle the window, or start a forged line."""
+    return _CONTROL.sub(
+        lambda m: _CONTROL_NAMES.get(c := m.group()) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"),
+        str(text),
+    )  # fmt: skip
 
 
 class RedactingFormatter(logging.Formatter):
@@ -3377,6 +3486,8 @@ class RedactingFormatter(logging.Formatter):
         ts = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
         ts = ts.replace("+00:00", "Z")
         message = record.getMessage()
+        if not self.json:  # JSON escapes by itself; a text line must stay one line
+            message = printable(message)
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         if self.json:
@@ -3543,6 +3654,8 @@ class Scheduler:
         self.source_tasks: dict[str, asyncio.Task] = {}
         self.poll_slots = asyncio.Semaphore(POLLS_AT_ONCE)
         self.health: HealthServer | None = None
+        self.hooks: Hooks | None = None
+        self.hook_server: HealthServer | None = None  # [agentwatch] hooks, when set
         self.reloads: set[asyncio.Task] = set()
         self.reloading = asyncio.Lock()  # two quick SIGHUPs apply one after the other
         self.retention: asyncio.Task | None = None
@@ -3596,9 +3709,15 @@ class Scheduler:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        if self.config.agentwatch.health:
-            self.health = HealthServer(self.rt, self.config.agentwatch.health)
+        settings = self.config.agentwatch
+        self.hooks = Hooks(self.rt, loop)
+        if settings.health:
+            hooks_here = None if settings.hooks else self.hooks
+            self.health = HealthServer(self.rt, settings.health, hooks=hooks_here)
             await self.health.start()
+        if settings.hooks:
+            self.hook_server = HealthServer(self.rt, settings.hooks, hooks=self.hooks, health=False)
+            await self.hook_server.start()
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
@@ -3905,6 +4024,10 @@ class Scheduler:
         await rt.http.aclose()
         if self.health:
             self.health.stop()
+        if self.hook_server:
+            self.hook_server.stop()
+        if self.hooks:
+            self.hooks.close()
         rt.store.close()
         log.info("agentwatch stopped (pid %d, up %.0fs)", os.getpid(), time.time() - rt.started_at)
 
@@ -3940,31 +4063,10 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         status = "stale"
     else:
         status = "ok"
-    rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
     secrets = sorted(config.secrets(), key=len, reverse=True)
-    sources, overdue = {}, []
-    for s in config.sources:
-        r = rows.get(s.name)
-        entry = {
-            "type": s.type,
-            "last_poll_at": iso(r["last_poll_at"]) if r else None,
-            "last_ok_at": iso(r["last_ok_at"]) if r else None,
-            "consecutive_failures": r["consecutive_failures"] if r else 0,
-            "next_poll_at": iso(r["next_poll_at"]) if r else None,
-            "last_error": _redact(r["last_error"], secrets) if r else "",
-            "last_error_kind": r["last_error_kind"] if r else "",
-            # A poll this late means its loop is stuck or gone: a restart is the cure.
-            "overdue": bool(
-                status == "ok" and r and r["next_poll_at"] is not None
-                and now - r["next_poll_at"] > stale_after + Source.poll_allowance(config.agentwatch)
-            ),
-        }  # fmt: skip
-        if entry["overdue"]:
-            overdue.append(s.name)
-        with contextlib.suppress(Exception):  # a drop-in's describe_state must not break /health
-            if r and (state := SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))):
-                entry["state"] = state
-        sources[s.name] = entry
+    # A poll late while the scheduler ticks means its loop is stuck or gone.
+    sources = source_reports(config, db.execute("SELECT * FROM sources"), now, status == "ok")
+    overdue = [name for name, entry in sources.items() if entry["overdue"]]
     counts = counts_by_status(db)
     report = {
         "status": status,
@@ -3986,6 +4088,42 @@ def health_report(rt: Runtime, db: sqlite3.Connection, now: float) -> tuple[int,
         "sources": sources,
     }
     return (200 if status == "ok" else 503), report
+
+
+def source_reports(
+    config: Config, rows: Iterable[sqlite3.Row], now: float, ticking: bool = True
+) -> dict[str, dict]:
+    """Each configured source's health, keyed by name: /health's and `status --json`'s.
+    `overdue`: its poll is later than any poll may be, while the scheduler ticks."""
+    rows = {r["name"]: r for r in rows}
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    late = config.agentwatch.stale_after + Source.poll_allowance(config.agentwatch)
+    sources = {}
+    for s in config.sources:
+        r = rows.get(s.name)
+        entry = {
+            "type": s.type,
+            "last_poll_at": iso(r["last_poll_at"]) if r else None,
+            "last_ok_at": iso(r["last_ok_at"]) if r else None,
+            "consecutive_failures": r["consecutive_failures"] if r else 0,
+            "next_poll_at": iso(r["next_poll_at"]) if r else None,
+            "last_error": _redact(r["last_error"], secrets) if r else "",
+            "last_error_kind": r["last_error_kind"] if r else "",
+            "overdue": bool(
+                ticking and r and r["next_poll_at"] is not None and now - r["next_poll_at"] > late
+            ),
+        }
+        if r and (state := state_in_words(s.type, r["state"])):
+            entry["state"] = _redact(state, secrets)
+        sources[s.name] = entry
+    return sources
+
+
+def state_in_words(source_type: str, state: str | None) -> str:
+    """A source's persisted state in words; "" if its type cannot say."""
+    with contextlib.suppress(Exception):  # a drop-in's describe_state must not break a report
+        return SOURCES[source_type].describe_state(json.loads(state or "{}")) or ""
+    return ""
 
 
 def _counter_snapshot(counter: Counter) -> dict:
@@ -4053,6 +4191,10 @@ def metrics_text(rt: Runtime, db: sqlite3.Connection, now: float) -> str:
            [({"status": s}, v) for (s,), v in sorted(by("slack_posts").items())])  # fmt: skip
     family("agentwatch_slack_api_calls_total", "counter", "Slack Web API calls, by method and HTTP status.",
            [({"method": m, "status": s}, v) for (m, s), v in sorted(by("slack_api").items())])  # fmt: skip
+    family("agentwatch_webhook_deliveries_total", "counter",
+           "POSTs to /hooks/<source>, by source and HTTP answer.",
+           [({"source": n, "status": s}, v)
+            for (n, s), v in sorted(by("webhook_deliveries").items())])  # fmt: skip
     dlq = sum(n for (_, status), n in counts.items() if status == "dead")
     family("agentwatch_dlq_depth", "gauge", "Items in the dead-letter queue.", [({}, dlq)])
     rows = {r["name"]: r for r in db.execute("SELECT * FROM sources")}
@@ -4087,9 +4229,14 @@ class HealthServer:
     and HEALTH_MAX_REQUEST bytes of it, so a slow or garbage client costs a
     socket for a few seconds, never the scheduler."""
 
-    def __init__(self, rt: Runtime, address: str):
+    def __init__(
+        self, rt: Runtime, address: str, *, hooks: Hooks | None = None, health: bool = True
+    ):
         self.rt = rt
-        self.host, self.port = parse_host_port(address, "agentwatch.health")
+        self.key = "agentwatch.health" if health else "agentwatch.hooks"
+        self.host, self.port = parse_host_port(address, self.key)
+        self.serve_health = health  # False: the [agentwatch] hooks listener, /hooks/ only
+        self.hooks = hooks  # None: POST /hooks/ is served elsewhere, or nowhere
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Event | None = None
@@ -4102,16 +4249,20 @@ class HealthServer:
         self.thread = threading.Thread(target=self._main, args=(ready,), name="health", daemon=True)
         self.thread.start()
         await asyncio.to_thread(ready.wait)
+        what = "/health" if self.serve_health else "/hooks/"
         if self.error:
             raise AgentwatchError(
-                f"cannot serve /health on {self.host}:{self.port}: {self.error} "
-                '(choose another port in [agentwatch] health, or "" to turn it off)'
+                f"cannot serve {what} on {self.host}:{self.port}: {self.error} "
+                f'(choose another port in [agentwatch] {self.key.split(".")[1]}, or "" to turn it off)'
             )
         import ipaddress
 
         url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
-        log.info("health: %s/health and %s/metrics", url, url)
-        if not ipaddress.ip_address(self.host).is_loopback:
+        if self.serve_health:
+            log.info("health: %s/health and %s/metrics", url, url)
+        if self.hooks is not None:
+            log.info("hooks: POST %s/hooks/<source name>", url)
+        if self.serve_health and not ipaddress.ip_address(self.host).is_loopback:
             log.warning("health: listening beyond this machine on %s:%s; anyone who can reach "
                         "it sees source names and errors", self.host, self.port)  # fmt: skip
 
@@ -4164,7 +4315,11 @@ class HealthServer:
                 await self._send(writer, conn, e.error_status_hint, f"bad request: {e}\n".encode())
                 return
             if request is not None:
-                status, body, content_type, headers = self._answer(request)
+                if self.hooks is not None and request.target.startswith(b"/hooks/"):
+                    status, body, content_type, headers = await self._hook(request, reader,
+                                                                           writer, conn)  # fmt: skip
+                else:
+                    status, body, content_type, headers = self._answer(request)
                 head = request.method == b"HEAD"
                 await self._send(writer, conn, status, body, content_type, headers, head=head)
         except (TimeoutError, ConnectionError, h11.LocalProtocolError):
@@ -4192,6 +4347,9 @@ class HealthServer:
 
     def _answer(self, request: Any) -> tuple[int, bytes, str, dict]:
         path = request.target.split(b"?", 1)[0]
+        if not self.serve_health:
+            body = b"not found: this listener serves POST /hooks/<name>\n"
+            return 404, body, "text/plain; charset=utf-8", {}
         if path not in (b"/health", b"/metrics"):
             return 404, b"not found: try /health or /metrics\n", "text/plain; charset=utf-8", {}
         if request.method not in (b"GET", b"HEAD"):
@@ -4211,6 +4369,61 @@ class HealthServer:
         except sqlite3.Error as e:  # the database is part of being healthy
             body = json.dumps({"status": "error", "error": f"database: {e}"}).encode() + b"\n"
             return 503, body, "application/json", {}
+
+    async def _hook(
+        self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Any
+    ) -> tuple[int, bytes, str, dict]:
+        """POST /hooks/<name>: the checks that need no body, the body within its
+        cap and deadline, then Hooks.deliver."""
+        name = request.target.split(b"?", 1)[0][len(b"/hooks/") :].decode("ascii", "replace")
+        config = self.hooks.source_for(name)
+        if config is None:
+            status, answer, headers = 404, {"error": "no webhook source of that name"}, {}
+        elif request.method != b"POST":
+            status, answer, headers = 405, {"error": "only POST"}, {"Allow": "POST"}
+        else:
+            status, answer, headers = await self._delivery(request, reader, writer, conn, config)
+            self.rt.metrics["webhook_deliveries", name, status] += 1
+        return status, json.dumps(answer).encode() + b"\n", "application/json", headers
+
+    async def _delivery(
+        self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        conn: Any, config: SourceConfig,
+    ) -> tuple[int, dict, dict]:  # fmt: skip
+        import h11
+
+        limit = config.options.max_body
+        headers: dict[str, str] = {}
+        for key, value in request.headers:  # h11 gives lower-case names
+            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        length = headers.get("content-length", "")
+        too_large = {"error": f"the body is larger than max_body ({limit} bytes)"}
+        if length.isdigit() and int(length) > limit and conn.they_are_waiting_for_100_continue:
+            return 413, too_large, {}  # the sender asked first: no need to read it
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] | None = []
+        size = 0
+        async with asyncio.timeout(HOOK_DEADLINE):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    # Past the cap the rest is read and dropped, so the sender
+                    # gets to see the 413 instead of a reset connection.
+                    chunks = chunks if chunks is not None and size <= limit else None
+                    if chunks is not None:
+                        chunks.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # ConnectionClosed: gone before the end of the body
+                    raise ConnectionError("the sender left before the end of its body")
+        if chunks is None:
+            return 413, too_large, {}
+        status, answer = await self.hooks.deliver(config, headers, b"".join(chunks))
+        return status, answer, {}
 
     @staticmethod
     async def _send(
@@ -4236,17 +4449,390 @@ class HealthServer:
 
 
 # ###########################################################################
+# ### Webhooks
+# ###########################################################################
+#
+# POST /hooks/<name> is answered by the HTTP thread above. A delivery is
+# verified over its raw bytes, turned into an item, and committed straight into
+# the items table as pending, by one INSERT OR IGNORE on (source, item_id) where
+# the item id is the delivery's id. That one statement is both the commit the
+# 202 promises (a kill -9 right after it loses nothing) and the atomic dedup
+# behind the 200 for a redelivery. The scheduler's tick, woken at once, runs the
+# item like any polled one. So the HTTP thread never waits on the main loop, and
+# the main loop never sees a raw delivery. (An inbox table of raw deliveries
+# would need a consumer, a cursor and a clean-up of bodies up to max_body each,
+# for nothing a refused delivery or a crash needs.)
+
+HOOK_DEADLINE = 10.0  # seconds a sender has for its body (GitHub gives up after 10 s)
+HOOK_FIELDS = ("id", "event", "title", "body", "url", "author", "published")
+# Where each scheme's payloads keep these values, unless `fields` says otherwise.
+# GitHub's own events need none of them (github_item below).
+SCHEME_FIELDS: dict[str, dict[str, str]] = {
+    "github": {},
+    "stripe": {"id": "id", "event": "type", "title": "type", "published": "created"},
+    "slack": {"id": "event_id", "event": "event.type", "title": "event.type",
+              "body": "event.text", "author": "event.user", "published": "event_time"},
+    "hmac": {"id": "id", "event": "type", "title": "title", "body": "body", "url": "url",
+             "author": "author", "published": "published"},
+}  # fmt: skip
+GITHUB_EVENTS = ("issues", "issue_comment", "pull_request", "discussion",
+                 "discussion_comment", "release")  # fmt: skip
+
+
+@source("webhook")
+class WebhookSource(Source):
+    """Deliveries POSTed to /hooks/<name>. The HTTP thread stores them as they
+    arrive, so a poll has nothing to fetch."""
+
+    @dataclass(frozen=True)
+    class Options:
+        secret: Secret
+        signature: Literal["github", "stripe", "slack", "hmac"] = "github"
+        events: list[str] = field(default_factory=list)
+        header: str = "X-Signature"  # signature = "hmac" only
+        prefix: str = "sha256="  # signature = "hmac" only
+        fields: dict[str, str] = field(default_factory=dict)
+        tolerance: Duration = Duration(300)
+        max_body: ByteSize = ByteSize(1_000_000)
+
+        def __post_init__(self):
+            if not self.secret:
+                raise ValueError("secret must not be empty (the key deliveries are signed with)")
+            unknown = sorted(set(self.fields) - set(HOOK_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"fields: unknown {', '.join(unknown)} (known: {', '.join(HOOK_FIELDS)})"
+                )
+            if not self.header.strip():
+                raise ValueError("header must name the signature header")
+
+    async def poll(self) -> list[Item]:
+        return []
+
+    def describe(self) -> str:
+        return f"POST /hooks/{self.name} (signature {self.options.signature})"
+
+
+def check_hooks(config: Config) -> None:
+    """A webhook source needs a listener; the hooks one must not share a port with /health."""
+    settings = config.agentwatch
+    if settings.hooks:
+        hooks = parse_host_port(settings.hooks, "agentwatch.hooks")
+        if settings.health and hooks == parse_host_port(settings.health, "agentwatch.health"):
+            raise ConfigError("agentwatch.hooks", 'is the health address: use "" to share it')
+    webhooks = [s.name for s in config.sources if s.type == "webhook"]
+    if webhooks and not (settings.hooks or settings.health):
+        raise ConfigError(
+            "agentwatch.hooks",
+            f"webhook source {webhooks[0]!r} needs a listener: set hooks (or health)",
+        )
+
+
+def _hex_hmac(secret: str, message: bytes) -> str:
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _signed(given: str, prefix: str, expected_hex: str) -> bool:
+    """Constant-time comparison of `<prefix><hex>`; hex digits in either case."""
+    if not given.startswith(prefix):
+        return False
+    digits = given[len(prefix) :].strip().lower().encode("latin-1", "replace")
+    return hmac.compare_digest(digits, expected_hex.encode())
+
+
+def _stale(timestamp: str, now: float, tolerance: float) -> str:
+    try:
+        age = now - int(timestamp.strip())
+    except ValueError:
+        return f"the signed timestamp {timestamp[:20]!r} is not a number"
+    if abs(age) > tolerance:
+        return f"the signed timestamp is {abs(age):.0f}s {'old' if age > 0 else 'ahead'} (tolerance {tolerance:g}s)"
+    return ""
+
+
+def verify_signature(options: Any, headers: dict[str, str], body: bytes, now: float) -> str:
+    """Why `body` was not signed with the source's secret (the 401's text), or ""
+    when it was. `headers` has lower-case names. Only the signature headers are read."""
+    secret, scheme = options.secret, options.signature
+    if scheme in ("github", "hmac"):
+        name = "x-hub-signature-256" if scheme == "github" else options.header.lower()
+        prefix = "sha256=" if scheme == "github" else options.prefix
+        given = headers.get(name)
+        if not given:
+            return f"no {name} header"
+        return "" if _signed(given, prefix, _hex_hmac(secret, body)) else f"wrong {name}"
+    if scheme == "stripe":
+        given = headers.get("stripe-signature")
+        if not given:
+            return "no stripe-signature header"
+        pairs = [part.strip().partition("=") for part in given.split(",")]
+        timestamps = [v for k, _, v in pairs if k == "t"]
+        signatures = [v for k, _, v in pairs if k == "v1"]
+        if not timestamps or not signatures:
+            return "stripe-signature has no t= or no v1="
+        expected = _hex_hmac(secret, timestamps[0].encode() + b"." + body)
+        # Several v1= while a secret is being rotated: any one of them will do.
+        if not any(_signed(s, "", expected) for s in signatures):
+            return "wrong stripe-signature"
+        return _stale(timestamps[0], now, options.tolerance)
+    given, timestamp = headers.get("x-slack-signature"), headers.get("x-slack-request-timestamp")
+    if not given or not timestamp:
+        return "no x-slack-signature or x-slack-request-timestamp header"
+    expected = _hex_hmac(secret, b"v0:" + timestamp.encode("latin-1", "replace") + b":" + body)
+    if not _signed(given, "v0=", expected):
+        return "wrong x-slack-signature"
+    return _stale(timestamp, now, options.tolerance)
+
+
+def dotted(payload: Any, path: str) -> Any:
+    """payload["a"]["b"] for "a.b"; a number indexes a list; None where it is missing."""
+    value = payload
+    for part in path.split(".") if path else ():
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def parse_published(value: Any) -> float | None:
+    """Epoch seconds (milliseconds when it is that large), or ISO 8601; None otherwise."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                return None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            return parsed.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def github_item(event: str, payload: dict) -> Item | None:
+    """An item for GitHub's own events (title, body, link, author from the payload);
+    None for the others. The item id is filled in by the caller."""
+    repo = dotted(payload, "repository.full_name") or ""
+    action = payload.get("action") or ""
+    key, what, obj = {
+        "issues": ("issue", "issue", payload.get("issue")),
+        "pull_request": ("pull_request", "pull request", payload.get("pull_request")),
+        "discussion": ("discussion", "discussion", payload.get("discussion")),
+        "issue_comment": ("issue", "comment", payload.get("comment")),
+        "discussion_comment": ("discussion", "discussion comment", payload.get("comment")),
+        "release": ("release", "release", payload.get("release")),
+    }.get(event, (None, None, None))
+    if not isinstance(obj, dict):
+        return None
+    parent = payload.get(key) if isinstance(payload.get(key), dict) else obj
+    if event == "release":
+        title = f"{repo} release {action}: {obj.get('name') or obj.get('tag_name') or ''}"
+        published = obj.get("published_at") or obj.get("created_at")
+    else:
+        title = f"{repo}#{parent.get('number', '')} {what} {action}: {parent.get('title') or ''}"
+        published = obj.get("updated_at") or obj.get("created_at")
+    return Item(
+        item_id="",
+        title=title,
+        url=_text(obj.get("html_url")),  # a comment links to the comment itself
+        author=_text(
+            dotted(obj, "user.login")
+            or dotted(obj, "author.login")
+            or dotted(payload, "sender.login")
+        ),
+        published_at=parse_published(published),
+        body=_text(obj.get("body")),
+        kind="comment" if what.endswith("comment") else key,
+        extra={
+            "event": event,
+            "action": action,
+            "repository": repo,
+            "number": parent.get("number"),
+        },
+    )
+
+
+def _event_matches(name: str, accepted: list[str]) -> bool:
+    """An entry "issues" accepts "issues.opened"; "issues.opened" only that action."""
+    return not accepted or any(name == e or name.startswith(e + ".") for e in accepted)
+
+
+def webhook_item(options: Any, headers: dict[str, str], payload: dict, body: bytes) -> Item | str:
+    """The item a verified delivery becomes, or why it becomes none (the 200's reason)."""
+    fields = {**SCHEME_FIELDS[options.signature], **options.fields}
+    github = options.signature == "github"
+    event = headers.get("x-github-event", "") if github else ""
+    if github:
+        if event == "ping":
+            return "ping"
+        action = payload.get("action")
+        name = f"{event}.{action}" if isinstance(action, str) and action else event
+    else:
+        name = _text(dotted(payload, fields.get("event", "")))
+    if not _event_matches(name, options.events):
+        return f"event {name or '(none)'} is not in events"
+    item = github_item(event, payload) if github else None
+    if item is None:
+        title = _text(dotted(payload, fields.get("title", "")))
+        if not title and github:
+            title = f"{dotted(payload, 'repository.full_name') or 'GitHub'} {name}"
+        url = dotted(payload, fields.get("url", ""))
+        if url is None and github:
+            url = dotted(payload, "repository.html_url")
+        author = dotted(payload, fields.get("author", ""))
+        if author is None and github:
+            author = dotted(payload, "sender.login")
+        text = dotted(payload, fields.get("body", ""))
+        item = Item(
+            item_id="",
+            title=title or f"{name or 'webhook'} delivery",
+            url=_text(url),
+            author=_text(author),
+            published_at=parse_published(dotted(payload, fields.get("published", ""))),
+            # Without a body field the whole payload is the text the LLM reads.
+            body=_text(text) if text is not None else body.decode("utf-8", "replace"),
+            kind=name.split(".")[0] if github else "delivery",
+            extra={"event": name},
+        )
+    # The delivery's own id, so a redelivery is recognised: GitHub's delivery GUID,
+    # else the payload's id field (Stripe's event id, Slack's event_id), else a hash.
+    delivery = headers.get("x-github-delivery") if github else None
+    delivery = delivery or _text(dotted(payload, fields.get("id", ""))).strip()
+    if not delivery or len(delivery) > 200:
+        delivery = "sha256:" + hashlib.sha256(body).hexdigest()
+    item.item_id = delivery
+    return item
+
+
+class Hooks:
+    """What the HTTP thread needs to take deliveries: the runtime (for the config,
+    read once per request), the main loop (to wake the scheduler) and a writer
+    thread with its own SQLite connection, so a write that waits for the lock
+    does not hold up /health on the HTTP loop."""
+
+    def __init__(self, rt: Runtime, main_loop: asyncio.AbstractEventLoop):
+        import concurrent.futures
+
+        self.rt = rt
+        self.main_loop = main_loop
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hooks-db")
+        self.db: sqlite3.Connection | None = None  # used only on the writer thread
+
+    def close(self) -> None:
+        self.writer.submit(self._close_db)
+        self.writer.shutdown(wait=True)
+
+    def _close_db(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def source_for(self, name: str) -> SourceConfig | None:
+        found = self.rt.config.sources_by_name.get(name)
+        return found if found is not None and found.type == "webhook" else None
+
+    async def deliver(
+        self, config: SourceConfig, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict]:
+        """Answer one POST whose body has been read in full: (status, JSON body)."""
+        options, name = config.options, config.name
+        problem = verify_signature(options, headers, body, time.time())
+        if problem:
+            log.warning("webhook %s: delivery refused (401): %s", name, problem)
+            return 401, {"error": f"signature check failed: {problem}"}
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return 400, {"error": f"the body is not JSON: {e}"}
+        if not isinstance(payload, dict):
+            return 400, {"error": "the body is JSON but not an object"}
+        if options.signature == "slack" and payload.get("type") == "url_verification":
+            return 200, {"challenge": _text(payload.get("challenge"))}
+        item = webhook_item(options, headers, payload, body)
+        if isinstance(item, str):
+            log.info("webhook %s: %s, nothing stored", name, item)
+            return 200, {"result": "pong" if item == "ping" else "ignored", "reason": item}
+        try:
+            validate_items([item], name)  # the boundary every polled item passes too
+        except PermanentError as e:
+            return 400, {"error": str(e)}
+        src = self.rt.sources.get(name) or make_source(config, self.rt.config.agentwatch, None, {})
+        (row,) = admit(
+            config, [item], set(), first_poll=False, baseline=False,
+            max_age=self.rt.config.agentwatch.max_age, stages=src.stages, now=time.time(),
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self.writer, self._store, name, row)
+        if not stored:
+            log.info("webhook %s: delivery %s is already stored (200)", name, item.item_id)
+            return 200, {"result": "duplicate", "id": item.item_id}
+        log.info("webhook %s: delivery %s stored (%s)", name, item.item_id,
+                 row["note"] or "pending")  # fmt: skip
+        self.rt.last_event_at = time.time()
+        if row["status"] == "pending":
+            with contextlib.suppress(RuntimeError):  # the main loop is closing
+                self.main_loop.call_soon_threadsafe(self.rt.wake.set)
+        return 202, {"result": "accepted", "id": item.item_id}
+
+    def _store(self, source: str, row: dict) -> bool:
+        """One INSERT OR IGNORE: True when this delivery was not stored before."""
+        if self.db is None:
+            self.db = sqlite3.connect(self.rt.store.path, isolation_level=None, timeout=10)
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            # FULL: the 202 tells the sender not to send it again, so it must
+            # survive a power cut, not only a crash of the process.
+            self.db.execute("PRAGMA synchronous = FULL")
+        now = time.time()
+        cursor = self.db.execute(
+            """INSERT OR IGNORE INTO items (source, item_id, title, url, author, published_at,
+               body, kind, extra, stages, stage, status, note, next_attempt_at, created_at,
+               updated_at) VALUES (:source, :item_id, :title, :url, :author, :published_at,
+               :body, :kind, :extra, :stages, :stage, :status, :note, :next_attempt_at,
+               :created_at, :created_at)""",
+            {**row, "source": source, "created_at": now},
+        )
+        return cursor.rowcount == 1
+
+
+# ###########################################################################
 # ### CLI
 # ###########################################################################
+#
+# Commands that only read (status, items, dlq list/show, check) load the config
+# with allow_unset: a ${VAR} that only sending or calling out needs may be
+# missing from the shell (it belongs in the cron line or the unit). Outside
+# text (titles, errors, ids, states) goes through printable(), and the config's
+# secrets are redacted, before anything is printed. In a pipe the output is
+# plain lines; in a terminal rich styles the same lines.
+
+_HELP_MODE: Any = "rich" if sys.stdout.isatty() else None  # no boxes in a pipe
 
 app = typer.Typer(
     help="Watch Reddit, feeds and URLs; LLM triage and drafts to Slack.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=_HELP_MODE,
 )
 dlq_app = typer.Typer(
-    help="The dead-letter queue: items whose stage failed for good.", no_args_is_help=True
+    help="The dead-letter queue: items whose stage failed for good.",
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_MODE,
 )
 app.add_typer(dlq_app, name="dlq")
 
@@ -4256,6 +4842,32 @@ ConfigOption = typing.Annotated[
         "--config", "-c", help="Config file [default: $AGENTWATCH_CONFIG or ./agentwatch.toml]"
     ),
 ]
+JsonOption = typing.Annotated[bool, typer.Option("--json", help="JSON instead of text")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    config: ConfigOption = None,
+    version: typing.Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    # -c before the subcommand; one given after it wins. The callback runs
+    # before every command, so each invocation sets it afresh.
+    global _config_before_command
+    _config_before_command = config
+
+
+_config_before_command: Path | None = None
 
 
 def fail(error: AgentwatchError) -> typer.Exit:
@@ -4270,9 +4882,12 @@ def fail(error: AgentwatchError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def open_config(path: Path | None) -> Config:
+def open_config(path: Path | None, *, read_only: bool = False) -> Config:
+    """The config named after the subcommand, else before it, else the default.
+    `read_only`: unset ${VAR}s are allowed (see the section's comment)."""
+    path = path or _config_before_command
     try:
-        return load_config(path)
+        return load_config(path, allow_unset=read_only)
     except ConfigError as e:
         raise fail(e) from None
 
@@ -4286,6 +4901,77 @@ def open_store(config: Config) -> Store:
         raise fail(AgentwatchError(f"cannot open the database {config.db_path}: {e}")) from None
 
 
+def redactor(config: Config) -> Callable[[Any], str]:
+    """The engine's redaction (the same secrets as the log's), for printed text."""
+    secrets = sorted(config.secrets(), key=len, reverse=True)
+    return lambda text: _redact(str(text or ""), secrets)
+
+
+def safe(text: Any, redact: Callable[[Any], str]) -> str:
+    """Stored outside text as it may be printed: secrets masked, controls escaped."""
+    return printable(redact(text))
+
+
+# Controls that JSON leaves raw with ensure_ascii=False (C0 it always escapes).
+_JSON_RAW = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def echo_json(value: Any) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    typer.echo(_JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def relative(ts: float | None, now: float) -> str:
+    """ "2m ago", "in 40s", "now"; "never" for None."""
+    if ts is None:
+        return "never"
+    if not math.isfinite(ts):
+        return "?"
+    delta = ts - now
+    seconds = abs(delta)
+    if seconds < 1:
+        return "now"
+    size, unit = next(
+        u for u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")) if seconds >= u[0]
+    )
+    amount = f"{int(seconds // size)}{unit}"
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+class Out:
+    """A command's lines: plain text in a pipe, styled by rich in a terminal.
+    A line is parts, each a string or (string, rich style); the strings are
+    already safe (printable)."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        # COLUMNS first, then the terminal; 80 in a pipe without COLUMNS.
+        self.width = shutil.get_terminal_size((80, 24)).columns
+        self.console = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def line(self, *parts: str | tuple[str, str], cut: bool = False) -> None:
+        """One line. `cut`: in a terminal, end it with an ellipsis at the edge
+        instead of wrapping; a pipe gets it whole, for grep."""
+        pairs = [(p, "") if isinstance(p, str) else p for p in parts]
+        if self.console is None:
+            sys.stdout.write("".join(text for text, _ in pairs) + "\n")
+            return
+        from rich.text import Text
+
+        text = Text()
+        for chunk, style in pairs:
+            text.append(chunk, style)
+        if cut:
+            self.console.print(text, no_wrap=True, overflow="ellipsis")
+        else:
+            self.console.print(text, soft_wrap=True)
+
+
 @app.command()
 def init(
     path: typing.Annotated[Path, typer.Argument(help="Where to write it")] = Path(
@@ -4295,7 +4981,10 @@ def init(
         bool, typer.Option("--force", help="Overwrite an existing file")
     ] = False,
 ) -> None:
-    """Write a commented example config."""
+    """Write a commented example config.
+
+    Example: agentwatch init /etc/agentwatch.toml
+    """
     if path.exists() and not force:
         raise fail(AgentwatchError(f"{path} exists; use --force to overwrite it"))
     path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
@@ -4304,14 +4993,19 @@ def init(
 
 @app.command()
 def check(config: ConfigOption = None) -> None:
-    """Validate the config and list the sources; exit 2 on errors."""
-    cfg = open_config(config)
+    """Validate the config and list the sources; exit 2 on errors.
+
+    Example: agentwatch -c /etc/agentwatch.toml check
+    """
+    cfg = open_config(config, read_only=True)
     typer.echo(f"config {cfg.path}: ok, {len(cfg.sources)} source(s)")
     for s in cfg.sources:
         described = SOURCES[s.type](s, cfg.agentwatch, None, {}).describe()
-        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {described}")
+        typer.echo(f"  {s.name:<24} {s.type:<8} every {s.every:g}s  {printable(described)}")
     for path, error in PLUGIN_FAILURES.items():
         typer.echo(f"warning: plugin {path} did not load: {error}", err=True)
+    for name, key in cfg.unset_env.items():
+        typer.echo(f"note: ${{{name}}} (in {key}) is not set here; `run` will need it", err=True)
     if cfg.llm.provider == "anthropic" and not os.environ.get("ANTHROPIC_API_KEY"):
         typer.echo("note: ANTHROPIC_API_KEY is not set; `run` will work without the LLM", err=True)
 
@@ -4326,7 +5020,10 @@ def run(
         bool, typer.Option("--dry-run", help="Print Slack messages instead of sending")
     ] = False,
 ) -> None:
-    """Poll the sources and process new items (until SIGTERM, or once)."""
+    """Poll the sources and process new items (until SIGTERM, or once).
+
+    Example: nohup agentwatch run -c /etc/agentwatch.toml &
+    """
     cfg = open_config(config)
     setup_logging(cfg)
     lock = InstanceLock(cfg.db_path, cfg.pidfile_path)
@@ -4358,8 +5055,12 @@ def run(
 def preview(
     source_name: typing.Annotated[str, typer.Argument(metavar="SOURCE", help="A source's name")],
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Fetch a source now and show its items; changes nothing."""
+    """Fetch a source now and show its items; changes nothing.
+
+    Example: agentwatch preview hn-mentions
+    """
     cfg = open_config(config)
     setup_logging(cfg, logging.WARNING)
     source_config = next((s for s in cfg.sources if s.name == source_name), None)
@@ -4368,6 +5069,7 @@ def preview(
         raise fail(ConfigError("sources", f"no source named {source_name!r} (sources: {names})"))
 
     src = make_source(source_config, cfg.agentwatch, None, {})
+    src.previewing = True
 
     async def fetch() -> list[Item]:
         src.http = make_http_client(cfg.agentwatch)
@@ -4376,105 +5078,274 @@ def preview(
         finally:
             await src.http.aclose()
 
+    redact = redactor(cfg)
     try:
         items = asyncio.run(fetch())
     except StageError as e:
-        raise fail(AgentwatchError(f"{source_name}: {e}")) from None
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{source_name}: {len(items)} item(s)", show_lines=False)
-    for column in ("published", "id", "title", "author", "url", "match"):
-        table.add_column(column, overflow="fold")
+        raise fail(AgentwatchError(f"{source_name}: {safe(e, redact)}")) from None
+    state = src.describe_state(src.state)
+    if as_json:
+        echo_json({
+            "items": [{**dataclasses.asdict(item), "published_at": iso(item.published_at),
+                       "matches": source_config.matches(item)} for item in items],
+            "state": redact(state),
+        })  # fmt: skip
+        return
+    out = Out()
+    out.line((f"{source_name}: {len(items)} item(s)", "bold"))
     for item in items:
-        table.add_row(
-            iso(item.published_at) or "", item.item_id, item.title[:120], item.author,
-            item.url, "yes" if source_config.matches(item) else "no",
-        )  # fmt: skip
-    Console().print(table)
+        match = "match" if source_config.matches(item) else "no match (include/exclude)"
+        published = iso(item.published_at) or "no date"
+        out.line(f"{published}  ", (match, "green" if match == "match" else "yellow"))
+        out.line("  ", (safe(item.title or "(no title)", redact), "bold"), cut=True)
+        meta = " · ".join(p for p in (item.item_id, item.author and f"by {item.author}") if p)
+        out.line("  ", safe(meta, redact), cut=True)
+        if item.url:
+            out.line("  ", safe(item.url, redact))
     # A source that reports state changes (a URL check) has no items on a first
     # look; what it found is its state.
-    if state := src.describe_state(src.state):
-        Console().print(f"state: {state}")
+    if state:
+        out.line("state: ", safe(state, redact), cut=True)
 
 
 @app.command()
-def status(config: ConfigOption = None) -> None:
-    """Sources, last polls, failures, items and LLM cost today, DLQ depth."""
-    cfg = open_config(config)
-    store = open_store(cfg)
-    from rich.console import Console
-    from rich.table import Table
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Sources, last polls, failures, items and LLM cost today, DLQ depth.
 
-    rows = {r["name"]: r for r in store.sources()}
-    table = Table(title="sources")
-    for column in (
-        "name",
-        "type",
-        "last poll",
-        "last ok",
-        "failures",
-        "next poll",
-        "state / last error",
-    ):
-        table.add_column(column, overflow="fold")
-    for s in cfg.sources:
-        r = rows.get(s.name)
-        if r is None:
-            table.add_row(s.name, s.type, "never", "", "0", "at start", "")
-            continue
-        state = SOURCES[s.type].describe_state(json.loads(r["state"] or "{}"))
-        detail = " — ".join(p for p in (state, r["last_error"]) if p)
-        table.add_row(
-            s.name, s.type, iso(r["last_poll_at"]) or "never", iso(r["last_ok_at"]) or "never",
-            str(r["consecutive_failures"]), iso(r["next_poll_at"]) or "", detail,
-        )  # fmt: skip
-    midnight = utc_midnight()
+    Example: agentwatch status --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    now = time.time()
+    midnight = utc_midnight(now)
     counts = store.item_counts_since(midnight)
-    usage = store.usage_since(midnight)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"items today: {sum(counts.values())} ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
-    )  # fmt: skip
-    console.print(
+    usage = dict(store.usage_since(midnight))
+    dlq_depth = store.dlq_depth()
+    source_rows = store.sources()
+    if as_json:
+        echo_json({
+            "version": __version__,
+            "sources": source_reports(cfg, source_rows, now),
+            "today": {"since": iso(midnight), "items": sum(counts.values()),
+                      "items_by_status": counts, "llm": usage,
+                      "daily_budget_usd": cfg.llm.daily_budget_usd},
+            "dlq_depth": dlq_depth,
+        })  # fmt: skip
+        return
+    out = Out()
+    _status_sources(out, cfg, {r["name"]: r for r in source_rows}, now)
+    out.line()
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    out.line(f"items today: {sum(counts.values())}" + (f" ({by_status})" if by_status else ""))
+    out.line(
         f"LLM today: {usage['calls']} call(s), {usage['input_tokens']} input + "
         f"{usage['output_tokens']} output tokens, ${usage['cost_usd']:.4f}"
         + (f" of ${cfg.llm.daily_budget_usd:g} budget" if cfg.llm.daily_budget_usd else "")
     )
-    console.print(f"dead-letter queue: {store.dlq_depth()} item(s)")
+    out.line(f"dead-letter queue: {dlq_depth} item(s)", ("", "red" if dlq_depth else ""))
+
+
+def _status_sources(out: Out, cfg: Config, rows: dict[str, sqlite3.Row], now: float) -> None:
+    """One row per source, as a table when it fits the width, else each source's
+    name on its own line with its figures under it. A name is never cut or
+    wrapped; a state or an error has its own line (cut at the edge in a terminal)."""
+    if not cfg.sources:
+        out.line("no sources configured")
+        return
+    redact = redactor(cfg)
+    header = ("SOURCE", "TYPE", "LAST POLL", "LAST OK", "NEXT POLL", "FAILS")
+    table, details = [], []
+    for s in cfg.sources:
+        r = rows.get(s.name)
+        if r is None:
+            table.append((s.name, s.type, "never", "never", "at start", "0"))
+            details.append([])
+            continue
+        next_poll = r["next_poll_at"]
+        due = "due" if next_poll is not None and next_poll <= now else relative(next_poll, now)
+        table.append((s.name, s.type, relative(r["last_poll_at"], now),
+                      relative(r["last_ok_at"], now), due, str(r["consecutive_failures"])))  # fmt: skip
+        lines = []
+        if state := state_in_words(s.type, r["state"]):
+            lines.append(("", safe(state, redact)))
+        if r["last_error"]:
+            lines.append(("error: ", safe(r["last_error"], redact)))
+        details.append(lines)
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    fits = sum(widths) + 2 * (len(widths) - 1) <= out.width
+    if fits:
+        out.line(("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+                  "bold"))  # fmt: skip
+    for row, lines in zip(table, details, strict=True):
+        failing = row[5] != "0"
+        if fits:
+            cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+            out.line(("  ".join(cells[:5]) + "  ", ""), (row[5], "red" if failing else ""))
+        else:
+            out.line((row[0], "bold"))
+            out.line(f"  {row[1]} · polled {row[2]} · ok {row[3]} · next {row[4]} · ",
+                     (f"{row[5]} fails", "red" if failing else ""), cut=True)  # fmt: skip
+        for label, text in lines:
+            out.line("  ", (label, "red"), (text, "dim" if not label else ""), cut=True)
+
+
+@app.command()
+def items(
+    config: ConfigOption = None,
+    source: typing.Annotated[
+        str | None, typer.Option("--source", help="Only this source's items")
+    ] = None,
+    label: typing.Annotated[
+        str | None,
+        typer.Option(
+            "--label", help="Only items the LLM gave this label (relevant, negative, question, ...)"
+        ),
+    ] = None,
+    since: typing.Annotated[
+        str | None, typer.Option("--since", help='Only what came in within this long: "1d", "6h"')
+    ] = None,
+    search: typing.Annotated[
+        str | None, typer.Option("--search", help="Only items whose text contains this")
+    ] = None,
+    limit: typing.Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """What came in, newest first: stage, labels, summary and link. The number
+    in front is the ID other commands take (dlq show, dlq retry).
+
+    Example: agentwatch items --since 1d --label question --search pricing
+    """
+    cfg = open_config(config, read_only=True)
+    if label is not None and label not in LABELS:
+        raise typer.BadParameter(
+            f"{label!r} is not a label (labels: {', '.join(sorted(LABELS))})", param_hint="--label"
+        )
+    cutoff = None
+    if since is not None:
+        try:
+            cutoff = time.time() - parse_duration(since, "--since")
+        except ConfigError as e:
+            raise typer.BadParameter(
+                str(e).removeprefix("--since: "), param_hint="--since"
+            ) from None
+    store = open_store(cfg)
+    if source is not None:
+        known = {s.name for s in cfg.sources} | {r["name"] for r in store.sources()}
+        if source not in known:
+            raise typer.BadParameter(
+                f"no source named {source!r} (sources: {', '.join(sorted(known)) or 'none'})",
+                param_hint="--source",
+            )
+    rows = store.newest_items(source=source, label=label, since=cutoff, search=search, limit=limit)
+    redact = redactor(cfg)
+    if as_json:
+        echo_json([_item_json(r, redact) for r in rows])
+        return
+    out = Out()
+    if not rows:
+        out.line("no items" + (" match" if (source or label or since or search) else " yet"))
+        return
+    now = time.time()
+    id_width = max(len(str(r["id"])) for r in rows)
+    for r in rows:
+        stage, style = _item_stage(r)
+        labels = item_labels(r)
+        out.line((str(r["id"]).rjust(id_width), "bold cyan"),
+                 f"  {relative(r['created_at'], now)}  {r['source']}  ", (stage, style),
+                 f"  {labels}" if labels else "", cut=True)  # fmt: skip
+        pad = " " * (id_width + 2)
+        out.line(pad, (safe(r["title"] or "(no title)", redact), "bold"), cut=True)
+        if summary := item_summary(r):
+            out.line(pad, safe(summary, redact), cut=True)
+        if r["note"]:
+            out.line(pad, (safe(r["note"], redact), "dim"), cut=True)
+        if r["last_error"] and r["status"] in ("pending", "dead"):
+            out.line(pad, ("error: ", "red"), safe(r["last_error"], redact), cut=True)
+        if r["url"]:
+            out.line(pad, (safe(r["url"], redact), "blue"))
+
+
+def _item_stage(row: sqlite3.Row) -> tuple[str, str]:
+    """What became of an item, in a word or two, and its colour in a terminal."""
+    status, stage = row["status"], row["stage"]
+    if status == "pending":
+        tries = f" (after {row['attempts']} failed)" if row["attempts"] else ""
+        return f"pending {stage}{tries}", "yellow"
+    if status == "dead":
+        return f"dead at {stage}", "red"
+    if status == "done":
+        return ("notified", "green") if row["notified_at"] else ("done", "green")
+    return status, "dim"  # seen, skipped, dropped
+
+
+def _item_json(row: sqlite3.Row, redact: Callable[[Any], str]) -> dict:
+    classification = json.loads(row["classification"]) if row["classification"] else None
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "item_id": row["item_id"],
+        "title": redact(row["title"]),
+        "url": redact(row["url"]),
+        "author": row["author"],
+        "published_at": iso(row["published_at"]),
+        "created_at": iso(row["created_at"]),
+        "status": row["status"],
+        "stage": row["stage"],
+        "attempts": row["attempts"],
+        "labels": sorted(labels_of(classification)),
+        "classification": classification,
+        "summary": redact(item_summary(row)),
+        "draft": row["draft"],
+        "note": row["note"],
+        "error": redact(row["last_error"]),
+        "notified_at": iso(row["notified_at"]),
+    }
 
 
 @dlq_app.command("list")
-def dlq_list(
-    config: ConfigOption = None,
-    as_json: typing.Annotated[bool, typer.Option("--json", help="A JSON array")] = False,
-) -> None:
-    """Items in the dead-letter queue."""
-    store = open_store(open_config(config))
-    dead = [dead_letter_json(r) for r in store.dead()]
+def dlq_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Items in the dead-letter queue.
+
+    Example: agentwatch dlq list --json
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
+    redact = redactor(cfg)
+    dead = [
+        {
+            k: redact(v) if k in ("title", "url", "error") else v
+            for k, v in dead_letter_json(r).items()
+        }
+        for r in store.dead()
+    ]
     if as_json:
-        typer.echo(json.dumps(dead, indent=2))
+        echo_json(dead)
         return
+    out = Out()
     if not dead:
-        typer.echo("the dead-letter queue is empty")
+        out.line("the dead-letter queue is empty")
         return
     for d in dead:
-        typer.echo(
-            f"{d['id']:>6}  {d['failed_at']}  {d['source']}  {d['stage']}  "
-            f"x{d['attempts']}  {d['item_id']}\n        {d['title'][:100]}\n        {d['error']}"
-        )
+        out.line((f"{d['id']:>6}", "bold cyan"),
+                 printable(f"  {d['failed_at']}  {d['source']}  {d['stage']}  x{d['attempts']}  "
+                           f"{d['item_id']}"), cut=True)  # fmt: skip
+        out.line("        ", printable(d["title"][:100]), cut=True)
+        out.line("        ", (printable(d["error"]), "red"), cut=True)
 
 
 @dlq_app.command("show")
 def dlq_show(id: int, config: ConfigOption = None) -> None:
-    """Everything stored about one dead-lettered item."""
-    store = open_store(open_config(config))
+    """Everything stored about one dead-lettered item (JSON).
+
+    Example: agentwatch dlq show 1234
+    """
+    cfg = open_config(config, read_only=True)
+    store = open_store(cfg)
     row = store.item(id)
     if row is None or row["status"] != "dead":
         raise fail(AgentwatchError(f"no dead-lettered item with id {id}"))
-    shown = dict(row)
+    redact = redactor(cfg)
+    shown = {k: redact(v) if isinstance(v, str) else v for k, v in dict(row).items()}
     for key in (
         "published_at",
         "next_attempt_at",
@@ -4486,7 +5357,7 @@ def dlq_show(id: int, config: ConfigOption = None) -> None:
         shown[key] = iso(shown[key])
     for key in ("classification", "extra"):
         shown[key] = json.loads(shown[key]) if shown[key] else None
-    typer.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+    echo_json(shown)
 
 
 def _ids_or_all(ids: list[int] | None, all_: bool) -> list[int] | None:
@@ -4501,8 +5372,11 @@ def dlq_retry(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Resume items at the stage that failed; a running process picks them up."""
-    store = open_store(open_config(config))
+    """Resume items at the stage that failed; a running process picks them up.
+
+    Example: agentwatch dlq retry 1234 1240
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_retry(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) queued for retry")
 
@@ -4513,8 +5387,11 @@ def dlq_drop(
     all_: typing.Annotated[bool, typer.Option("--all", help="Every dead-lettered item")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Give up on items for good (they stay recorded, so they are never fetched again)."""
-    store = open_store(open_config(config))
+    """Give up on items for good (they stay recorded, so they are never fetched again).
+
+    Example: agentwatch dlq drop --all
+    """
+    store = open_store(open_config(config, read_only=True))
     n = store.dlq_drop(_ids_or_all(ids, all_))
     typer.echo(f"{n} item(s) dropped")
 

@@ -27,7 +27,8 @@ PROBE = textwrap.dedent(
 
 def test_fast_commands_do_not_import_the_sdk(make_config, tmp_path):
     config = make_config('[agentwatch]\ndb = "aw.db"\n')
-    for args in (["dlq", "list"], ["dlq", "list", "--json"], ["status"], ["check"], ["--help"]):
+    for args in (["dlq", "list"], ["dlq", "list", "--json"], ["status"], ["status", "--json"],
+                 ["items"], ["items", "--json"], ["check"], ["--help"]):  # fmt: skip
         out = subprocess.run(
             [sys.executable, "-c", PROBE, *args, *(["-c", str(config)] if args != ["--help"] else [])],
             capture_output=True, text=True, timeout=60, cwd=tmp_path,

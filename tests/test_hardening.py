@@ -38,13 +38,14 @@ def test_a_commit_that_fails_busy_leaves_no_transaction_open(tmp_path):
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM sources").fetchall()  # a SHARED lock: COMMIT cannot finish
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        store.record_poll_failure("s", "boom", time.time() + 60)
+        store.record_poll_failure("s", "boom", "", time.time() + 60, 1)
     assert not store.db.in_transaction, "the failed COMMIT left the transaction open"
     reader.execute("COMMIT")
     reader.close()
-    store.record_poll_failure("s", "second", time.time() + 60)  # the next write works
+    assert store.sources()[0]["last_error"] == "", "the failed write was rolled back"
+    store.record_poll_failure("s", "second", "", time.time() + 60, 1)  # the next write works
     assert store.sources()[0]["last_error"] == "second"
-    assert store.sources()[0]["consecutive_failures"] == 1, "the failed write was rolled back"
+    assert store.sources()[0]["consecutive_failures"] == 1
     store.close()
 
 
@@ -56,11 +57,11 @@ def test_a_full_disk_raises_its_own_error_not_no_transaction_is_active(tmp_path)
     pages = store.db.execute("PRAGMA page_count").fetchone()[0]
     store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
     with pytest.raises(sqlite3.OperationalError, match="full") as raised:
-        store.record_poll_failure("s", "x" * 200_000, time.time() + 60)
+        store.record_poll_failure("s", "x" * 200_000, "", time.time() + 60, 1)
     assert raised.value.sqlite_errorname == "SQLITE_FULL"
     assert not store.db.in_transaction
     store.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space again
-    store.record_poll_failure("s", "fits", time.time() + 60)
+    store.record_poll_failure("s", "fits", "", time.time() + 60, 1)
     assert store.sources()[0]["last_error"] == "fits"
     store.close()
 
@@ -209,6 +210,17 @@ def test_html_to_text_is_linear_on_hostile_markup():
     assert time.monotonic() - started < 5
 
 
+def test_a_pages_visible_text_is_linear_on_hostile_markup():
+    from agentwatch_sources import url as url_source
+
+    started = time.monotonic()
+    for markup in HOSTILE_MARKUP.values():
+        url_source.visible_text(markup)
+    assert time.monotonic() - started < 5
+    page = "<title>T</title><p>one<br>two</p><noscript>x</noscript><template>y</template>z"
+    assert url_source.visible_text(page) == "T\none\ntwo\nz"
+
+
 def test_html_to_text_caps_its_input():
     text = agentwatch.html_to_text("<p>" + "x " * (agentwatch.HTML_INPUT_LIMIT) + "</p>")
     assert len(text) <= agentwatch.HTML_INPUT_LIMIT
@@ -287,10 +299,12 @@ def test_a_database_that_saw_llm_triage_refuses_to_run_without_the_key(
 
 def test_recorded_llm_usage_also_counts_as_triage(feeds, make_config, run_cli, tmp_path):
     config = make_config(SIMPLE.format(provider="anthropic", url=f"{feeds.url}/f.xml"))
-    store = agentwatch.Store(tmp_path / "aw.db")
-    usage = agentwatch.LLMUsage(model="m", input_tokens=1, output_tokens=1)
-    store.record_usage({"source": "blog", "item_id": "x"}, "classify", usage)
-    store.close()
+    agentwatch.Store(tmp_path / "aw.db").close()
+    db = sqlite3.connect(tmp_path / "aw.db")
+    db.execute("""INSERT INTO llm_usage (at, source, item_id, stage, model, input_tokens,
+                  output_tokens) VALUES (0, 'blog', 'x', 'classify', 'm', 1, 1)""")
+    db.commit()
+    db.close()
     refused = run_cli("run", "--once", config=config, env={"ANTHROPIC_API_KEY": None})
     assert refused.returncode == 2, refused.stderr
     assert "ANTHROPIC_API_KEY" in refused.stderr

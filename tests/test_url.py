@@ -134,8 +134,10 @@ def test_a_check_failure_is_not_a_failed_poll(target, slack, make_config, run_cl
     check_once(run_cli, config)
     assert "is down: cannot connect to 127.0.0.1" in slack.text()
     status = run_cli("status", config=config).stdout
-    row = next(line for line in status.splitlines() if line.lstrip("│ ").startswith("site"))
-    assert "down since" in row and " 0 " in row  # 0 consecutive poll failures
+    lines = status.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("site "))
+    assert lines[row].split()[-1] == "0"  # 0 consecutive poll failures
+    assert "down since" in lines[row + 1]  # the state, on its own line under the row
 
 
 def test_head_with_headers(target, slack, make_config, run_cli):
