@@ -812,6 +812,13 @@ CREATE TABLE stories (
 CREATE INDEX deliveries_thread ON deliveries (channel, thread_ts);
 """)
 
+# Slack app mode: a :white_check_mark: on an item's message marks it handled (the
+# digest reports it); reactions are matched to items by their message's ts.
+MIGRATIONS.append("""
+ALTER TABLE items ADD COLUMN handled_at REAL;
+CREATE INDEX deliveries_ts ON deliveries (channel, ts)
+""")
+
 BODY_LIMIT = 20_000  # characters of an item's body that are stored
 
 
@@ -1211,6 +1218,49 @@ class Store:
             (channel, ts),
         ).fetchall()
         return first, replies
+
+    def reaction_targets(self, since: float, threads: int) -> dict[str, list[str]]:
+        """{channel: its most recently active story threads} for messages posted since `since`."""
+        found: dict[str, list[str]] = {}
+        for (channel,) in self.db.execute(
+            "SELECT DISTINCT channel FROM deliveries WHERE destination = 'slack' AND done_at >= ?",
+            (since,),
+        ):
+            found[channel] = []
+        for channel, ts in self.db.execute(
+            """SELECT channel, thread_ts FROM deliveries WHERE destination = 'slack'
+               AND thread_ts IS NOT NULL AND done_at >= ? GROUP BY channel, thread_ts
+               ORDER BY MAX(done_at) DESC LIMIT ?""",
+            (since, threads),
+        ):
+            found.setdefault(channel, []).append(ts)
+        return found
+
+    def record_reactions(self, channel: str, seen: list[tuple[str, str | None, bool]]) -> int:
+        """(message ts, verdict or None, handled) read from Slack: the items whose
+        feedback or handled mark changed are written; returns how many changed."""
+        changed = 0
+        for ts, verdict, handled in seen:
+            row = self.db.execute(
+                """SELECT items.id, items.handled_at, feedback.verdict FROM deliveries
+                   JOIN items ON items.id = deliveries.item
+                   LEFT JOIN feedback ON feedback.item_row = items.id
+                   WHERE deliveries.destination = 'slack' AND deliveries.channel = ?
+                   AND deliveries.ts = ?""",
+                (channel, ts),
+            ).fetchone()
+            if row is None:
+                continue
+            if verdict and row["verdict"] != verdict:
+                self.add_feedback(row["id"], verdict, "slack")
+                changed += 1
+            if handled and row["handled_at"] is None:
+                with self.transaction() as db:
+                    db.execute(
+                        "UPDATE items SET handled_at = ? WHERE id = ?", (time.time(), row["id"])
+                    )
+                changed += 1
+        return changed
 
     # --- dead-letter queue ---------------------------------------------------
 
@@ -3016,6 +3066,36 @@ def story_state(first: Any, replies: list[Any]) -> str:
     return " · ".join(parts)
 
 
+# --- Slack app mode: reactions as feedback ------------------------------------
+
+REACTIONS_EVERY = 60.0  # seconds between reads: a reaction is seen within ~1-2 minutes
+REACTIONS_DAYS = 7  # messages younger than this are read for reactions
+REACTION_THREADS = 20  # threads read per pass, the most recently active first
+REACTION_VERDICTS = {"-1": "irrelevant", "thumbsdown": "irrelevant", "+1": "relevant",
+                     "thumbsup": "relevant"}  # fmt: skip
+HANDLED_REACTION = "white_check_mark"
+
+
+def reaction_counts(message: dict) -> Counter:
+    """{reaction name without skin tone: users}: "+1::skin-tone-2" counts as "+1"."""
+    counts: Counter = Counter()
+    for reaction in message.get("reactions") or []:
+        if isinstance(reaction, dict) and isinstance(reaction.get("name"), str):
+            count = reaction.get("count")
+            counts[reaction["name"].split("::")[0]] += count if isinstance(count, int) else 1
+    return counts
+
+
+def reaction_verdict(counts: Counter) -> str | None:
+    """More 👎 than 👍: irrelevant; more 👍: relevant; a tie says nothing."""
+    votes = Counter()
+    for name, verdict in REACTION_VERDICTS.items():
+        votes[verdict] += counts.get(name, 0)
+    if votes["irrelevant"] == votes["relevant"]:
+        return None
+    return "irrelevant" if votes["irrelevant"] > votes["relevant"] else "relevant"
+
+
 class SlackApp:
     """Items posted with chat.postMessage, each exactly once, one thread per story."""
 
@@ -3055,6 +3135,41 @@ class SlackApp:
         story = self.store.story(keys, channel, time.time() - STORY_KEEP)
         thread_ts = story["ts"] if story and story["item"] != row["id"] else None
         return await self.post(row, channel, render_message([row]), thread_ts), thread_ts
+
+    async def read_reactions(self) -> int:
+        """One pass over this app's messages of the last days: 👎/👍 become feedback,
+        ✅ marks the item handled. Returns how many items changed."""
+        since = time.time() - REACTIONS_DAYS * 86400
+        changed = 0
+        for channel, threads in self.store.reaction_targets(since, REACTION_THREADS).items():
+            messages = await self.messages(
+                "conversations.history", channel=channel, oldest=f"{since:.6f}", limit=200
+            )
+            for thread_ts in threads:  # replies are not in the channel's history
+                messages += await self.messages(
+                    "conversations.replies", channel=channel, ts=thread_ts, limit=200
+                )
+            seen = []
+            for message in messages:
+                counts = reaction_counts(message)
+                if counts and isinstance(message.get("ts"), str):
+                    seen.append(
+                        (message["ts"], reaction_verdict(counts), bool(counts[HANDLED_REACTION]))
+                    )
+            changed += self.store.record_reactions(channel, seen)
+        return changed
+
+    async def messages(self, method: str, **args: Any) -> list[dict]:
+        """Every message a history method lists, page by page (at most LOOKUP_PAGES)."""
+        found: list[dict] = []
+        for _ in range(LOOKUP_PAGES):
+            answer = await self.api.call(method, **args)
+            found += [m for m in answer.get("messages") or [] if isinstance(m, dict)]
+            cursor = (answer.get("response_metadata") or {}).get("next_cursor")
+            if not answer.get("has_more") or not cursor:
+                break
+            args["cursor"] = cursor
+        return found
 
     async def show_story(self, channel: str, ts: str) -> None:
         """Update a story's first message with its state. A failure is only logged:
@@ -3138,6 +3253,7 @@ class Slack:
         self.store = store
         self.out = out or sys.stdout
         self.webhooks: dict[str, Webhook] = {}
+        self.reading: asyncio.Task | None = None
         self.configure(settings)
 
     def configure(self, settings: SlackSettings) -> None:
@@ -3159,6 +3275,30 @@ class Slack:
             return
         await self.webhook(url).send(row)
 
+    def start_reading_reactions(self) -> None:
+        """For `run`: read reactions on the app's messages every REACTIONS_EVERY."""
+        self.reading = asyncio.create_task(self.read_reactions_forever(), name="slack-reactions")
+
+    async def read_reactions_forever(self) -> None:
+        failing = ""
+        while True:
+            if self.app:  # a reload may turn the app on or off
+                try:
+                    changed = await self.app.read_reactions()
+                except StageError as e:
+                    if str(e) != failing:  # say it once, not every minute
+                        log.warning("cannot read Slack reactions: %s", e)
+                    failing = str(e)
+                except Exception:  # a bug: keep the traceback, keep reading
+                    log.exception("reading Slack reactions failed")
+                else:
+                    if failing:
+                        log.info("reading Slack reactions works again")
+                    failing = ""
+                    if changed:
+                        log.info("Slack reactions: %d item(s) marked", changed)
+            await asyncio.sleep(REACTIONS_EVERY)
+
     def webhook(self, url: str) -> Webhook:
         if url not in self.webhooks:
             self.webhooks[url] = Webhook(url, self.http, self.metrics)
@@ -3179,6 +3319,9 @@ class Slack:
         self.out.flush()
 
     async def close(self) -> None:
+        if self.reading:
+            self.reading.cancel()
+            await asyncio.gather(self.reading, return_exceptions=True)
         for webhook in self.webhooks.values():
             webhook.task.cancel()
         for webhook in self.webhooks.values():
@@ -3875,6 +4018,8 @@ class Scheduler:
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
+        if not self.dry_run:
+            self.rt.slack.start_reading_reactions()
         await self.tick_loop()
 
     async def retention_loop(self) -> None:
