@@ -41,6 +41,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -3821,6 +3822,28 @@ def setup_logging(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@functools.cache
+def _datagram_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd how the process is ("READY=1", "WATCHDOG=1", "STOPPING=1"):
+    the sd_notify protocol is one datagram to $NOTIFY_SOCKET, so no dependency.
+    Without the variable (not under a Type=notify unit) it does nothing. With
+    WatchdogSec=, a loop that stops ticking (blocked, hung) stops the pings, and
+    systemd restarts the process."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        _datagram_socket().sendto(state.encode(), address)
+    except OSError as e:  # systemd gone or restarting: the process carries on
+        log.debug("sd_notify %s to %s failed: %s", state, address, e)
+
+
 class InstanceLock:
     """One `run` per database: an flock held for the life of the process (the OS
     drops it when the process dies, even by kill -9), plus the pidfile."""
@@ -4020,6 +4043,7 @@ class Scheduler:
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
         if not self.dry_run:
             self.rt.slack.start_reading_reactions()
+        sd_notify("READY=1")
         await self.tick_loop()
 
     async def retention_loop(self) -> None:
@@ -4052,6 +4076,7 @@ class Scheduler:
     def stop(self, sig: int | None = None) -> None:
         if not self.rt.stopping.is_set():
             log.info("received %s: stopping", signal.Signals(sig).name if sig else "stop")
+            sd_notify("STOPPING=1")
             self.rt.stopping.set()
             self.rt.wake.set()
 
@@ -4059,6 +4084,7 @@ class Scheduler:
         rt = self.rt
         while not rt.stopping.is_set():
             rt.last_tick_at = time.time()
+            sd_notify("WATCHDOG=1")
             self.pipeline.dispatch_due()
             rt.wake.clear()
             # Woken early by a poll with new items; otherwise look again each second
@@ -5323,6 +5349,9 @@ def run(
 
     Example: nohup agentwatch run -c /etc/agentwatch.toml &
     """
+    # The database, its WAL and the log hold what people wrote and what the LLM
+    # made of it: whatever the login's umask, they are created 0600.
+    os.umask(0o077)
     cfg = open_config(config)
     setup_logging(cfg)
     lock = InstanceLock(cfg.db_path, cfg.pidfile_path)
