@@ -340,6 +340,21 @@ class SlackSettings:
 
 
 @dataclass
+class DiscordSettings:
+    """The [discord] table."""
+
+    webhook_url: str = ""
+
+
+@dataclass
+class WebhookSettings:
+    """The [webhook] table: a generic JSON POST, signed."""
+
+    url: str = ""
+    secret: str = ""
+
+
+@dataclass
 class SourceConfig:
     """One [[sources]] table: the keys every type shares, plus the type's own `options`."""
 
@@ -355,6 +370,7 @@ class SourceConfig:
     )
     slack_webhook_url: str = ""
     slack_channel: str = ""
+    destinations: list[str] = field(default_factory=lambda: ["slack"])
     options: Any = None
     # The LLM's per-source guidance: about and voice replace [llm]'s, instructions add to them.
     about: str = ""
@@ -386,6 +402,8 @@ class Config:
     knowledge: Knowledge = field(default_factory=lambda: Knowledge())  # [llm] knowledge, read
     # ${VAR}s that were unset when a read-only command loaded it: name -> key.
     unset_env: dict[str, str] = field(default_factory=dict)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def folder(self) -> Path:
@@ -415,6 +433,9 @@ class Config:
         found = [
             self.slack.webhook_url,
             self.slack.bot_token,
+            self.discord.webhook_url,
+            self.webhook.url,
+            self.webhook.secret,
             os.environ.get("ANTHROPIC_API_KEY", ""),
         ]
         for s in self.sources:
@@ -486,8 +507,10 @@ def _load_config(path: Path) -> Config:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
     for key in raw:
-        if key not in ("agentwatch", "llm", "slack", "sources"):
-            raise ConfigError(key, "unknown table (known: agentwatch, llm, slack, sources)")
+        if key not in ("agentwatch", "llm", "slack", "discord", "webhook", "sources"):
+            raise ConfigError(
+                key, "unknown table (known: agentwatch, llm, slack, discord, webhook, sources)"
+            )
     settings = build(Settings, _table(raw, "agentwatch"), "agentwatch")
     llm = build(LLMSettings, _table(raw, "llm"), "llm")
     slack = build(SlackSettings, _table(raw, "slack"), "slack")
@@ -495,6 +518,10 @@ def _load_config(path: Path) -> Config:
     _check_slack(slack)
     config = Config(path, settings, llm, slack, [])
     config.knowledge = load_knowledge(config)
+    config.discord = build(DiscordSettings, _table(raw, "discord"), "discord")
+    config.webhook = build(WebhookSettings, _table(raw, "webhook"), "webhook")
+    if config.webhook.url and not config.webhook.secret:
+        raise ConfigError("webhook.secret", "is required with a url: every post is signed")
 
     load_plugins(config)
     raw_sources = raw.get("sources", [])
@@ -507,6 +534,19 @@ def _load_config(path: Path) -> Config:
             raise ConfigError(f"sources[{i}].name", f"{source.name!r} is used twice")
         seen.add(source.name)
         config.sources.append(source)
+        for j, name in enumerate(source.destinations):
+            configured = {"slack": True, "discord": config.discord.webhook_url,
+                          "webhook": config.webhook.url}  # fmt: skip
+            if name not in configured:
+                raise ConfigError(f"sources[{i}].destinations[{j}]",
+                                  f"unknown destination {name!r} (known: slack, discord, webhook)")  # fmt: skip
+            if not configured[name]:
+                key = "webhook_url" if name == "discord" else "url"
+                raise ConfigError(f"sources[{i}].destinations[{j}]", f"[{name}] {key} is not set")
+        if not source.destinations or len(set(source.destinations)) != len(source.destinations):
+            raise ConfigError(
+                f"sources[{i}].destinations", "must name each destination once, at least one"
+            )
     check_hooks(config)
     return config
 
@@ -3331,6 +3371,140 @@ class Slack:
 
 
 # ###########################################################################
+# ### Other destinations: Discord and a signed webhook
+# ###########################################################################
+#
+# Each destination a source names is its own stage (`notify` is Slack,
+# `notify_discord`, `notify_webhook`), run in the order of `destinations`, so
+# one that fails is retried alone and never resends the ones before it. Neither
+# can be asked whether a post happened, so these are at least once (the
+# webhook's X-Agentwatch-Delivery header lets a receiver drop a repeat).
+
+DESTINATION_STAGES = {"slack": "notify", "discord": "notify_discord", "webhook": "notify_webhook"}
+DISCORD_PACE = 0.5  # seconds between posts to one Discord webhook (it allows 5 per 2 s)
+
+
+def with_destinations(stages: tuple[str, ...], config: SourceConfig) -> tuple[str, ...]:
+    """A source type's stages with its `notify` stage replaced by one per destination."""
+    if "notify" not in stages or config.destinations == ["slack"]:
+        return stages
+    at = stages.index("notify")
+    sends = tuple(DESTINATION_STAGES[d] for d in config.destinations)
+    return stages[:at] + sends + stages[at + 1 :]
+
+
+def item_json(row: Any) -> dict:
+    """The item as the generic webhook sends it: the item, its labels and draft."""
+    classification = json.loads(row["classification"]) if row["classification"] else None
+    extra = json.loads(row["extra"] or "{}")
+    return {
+        "id": row["id"], "source": row["source"], "item_id": row["item_id"],
+        "kind": row["kind"], "title": row["title"], "url": row["url"], "author": row["author"],
+        "published_at": iso(row["published_at"]) or None, "body": row["body"],
+        "labels": sorted(labels_of(classification)) if classification else [],
+        "classification": classification, "summary": item_summary(row) or None,
+        "draft": row["draft"], "extra": extra, "sent_at": iso(time.time()),
+    }  # fmt: skip
+
+
+def discord_payload(row: Any) -> dict:
+    """One embed within Discord's limits; no mention in it can ping anyone."""
+    fields = []
+    if labels := item_labels(row):
+        fields.append({"name": "Labels", "value": labels[:1024], "inline": True})
+    if summary := item_summary(row):
+        fields.append({"name": "Summary", "value": summary[:1024]})
+    if row["draft"]:
+        fields.append({"name": "Draft reply", "value": row["draft"][:1024]})
+    embed: dict[str, Any] = {
+        "title": (row["title"] or "(no title)")[:256],
+        "description": (row["body"] or "")[:1500] if not row["classification"] else "",
+        "fields": fields,
+        "footer": {
+            "text": (row["source"] + (f" · by {row['author']}" if row["author"] else ""))[:2048]
+        },
+    }
+    if re.match(r"^https?://\S+$", row["url"] or "") and len(row["url"]) <= 2000:
+        embed["url"] = row["url"]
+    if row["published_at"]:
+        embed["timestamp"] = iso(row["published_at"])
+    return {"username": "agentwatch", "embeds": [embed], "allowed_mentions": {"parse": []}}
+
+
+async def post_json(http: Any, name: str, url: str, body: bytes, headers: dict,
+                    pace: dict[str, float]) -> None:  # fmt: skip
+    """POST to a destination: 2xx done; 429 waits (Retry-After, or Discord's JSON
+    retry_after) and is not an attempt; 5xx and timeouts retry; other 4xx dead-letter."""
+    import httpx2
+
+    for _ in range(5):
+        delay = pace.get(url, 0.0) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pace[url] = time.monotonic() + DISCORD_PACE
+        try:
+            r = await http.post(url, content=body, headers={"Content-Type": "application/json",
+                                                              **headers}, timeout=15.0)  # fmt: skip
+        except httpx2.TimeoutException:
+            raise TransientError(f"{name} did not answer in time", kind="timeout") from None
+        except httpx2.HTTPError as e:
+            raise TransientError(
+                f"cannot reach {name}: {type(e).__name__}", kind="unreachable"
+            ) from None
+        answer = r.text.strip()[:200]
+        if 200 <= r.status_code < 300:
+            if r.headers.get("x-ratelimit-remaining") == "0":  # Discord: the bucket is empty
+                reset = parse_retry_after(r.headers.get("x-ratelimit-reset-after")) or 0.0
+                pace[url] = time.monotonic() + min(reset, 60.0)
+            return
+        if r.status_code == 429:
+            wait = parse_retry_after(r.headers.get("retry-after"))
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                wait = float(r.json()["retry_after"])  # Discord: seconds, with a fraction
+            wait = min(max(wait or 1.0, 0.0), 600.0) if math.isfinite(wait or 1.0) else 600.0
+            log.warning("%s rate-limited: waiting %.1fs", name, wait)
+            pace[url] = time.monotonic() + wait
+            continue
+        if r.status_code >= 500:
+            raise TransientError(f"{name} answered {r.status_code} {answer}", kind="server_error")
+        raise PermanentError(
+            f"{name} refused the message: {r.status_code} {answer}", kind="refused"
+        )
+    raise TransientError(f"{name} kept answering 429", kind="rate_limited")
+
+
+class Destinations:
+    """Discord and the signed webhook, for the notify_discord / notify_webhook stages."""
+
+    def __init__(self, http: Any, out: Any = None):
+        self.http = http
+        self.out = out or sys.stdout
+        self.pace: dict[str, float] = {}
+
+    async def deliver(self, stage: str, row: Any, config: Config, *, dry_run: bool = False) -> None:
+        import hmac
+
+        if stage == "notify_discord":
+            name, url, headers = "Discord", config.discord.webhook_url, {}
+            body = json.dumps(discord_payload(row)).encode()
+        elif stage == "notify_webhook":
+            name, url = "the webhook", config.webhook.url
+            body = json.dumps(item_json(row)).encode()
+            digest = hmac.new(config.webhook.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers = {"X-Agentwatch-Signature": f"sha256={digest}",
+                       "X-Agentwatch-Delivery": f"{row['source']}/{row['item_id']}"}  # fmt: skip
+        else:
+            raise PermanentError(f"unknown stage {stage!r}")
+        if dry_run:
+            self.out.write(f"--- dry-run: would post to {name} ---\n{row['title']}\n")
+            self.out.flush()
+            return
+        if not url:  # the destination left the config after the item was admitted
+            raise PermanentError(f"{name} is not configured any more", kind="refused")
+        await post_json(self.http, name, url, body, headers, self.pace)
+
+
+# ###########################################################################
 # ### Pipeline
 # ###########################################################################
 #
@@ -3368,7 +3542,10 @@ def admit(
         for item in candidates[config.backfill :]:
             rows.append(_row(item, (), "seen", "first poll: baseline"))
         candidates = candidates[: config.backfill]
-    rows.extend(_row(item, stages(item), "pending", "", now) for item in candidates)
+    rows.extend(
+        _row(item, with_destinations(stages(item), config), "pending", "", now)
+        for item in candidates
+    )
     return rows
 
 
@@ -3494,7 +3671,9 @@ class Pipeline:
         for stage in rest:
             if stage == "draft" and not (self.rt.llm and should_draft(config, classification)):
                 continue
-            if stage in ("draft", "notify") and not should_notify(config, classification):
+            if (stage == "draft" or stage.startswith("notify")) and not should_notify(
+                config, classification
+            ):
                 return {"stage": "done", "status": "skipped", "note": "not notified: " + (
                     ", ".join(sorted(labels_of(classification))) or "no labels")}  # fmt: skip
             return {"stage": stage, "status": "pending"}
@@ -3551,6 +3730,16 @@ class Pipeline:
                     self._log(row, stage, "printed (dry run)", started)
                     return False
                 fields["notified_at"] = time.time()
+                outcome = "sent"
+            elif stage in ("notify_discord", "notify_webhook"):
+                await self.rt.destinations.deliver(
+                    stage, row, self.rt.config, dry_run=self.rt.dry_run
+                )
+                if self.rt.dry_run:
+                    self.parked.add(row["id"])
+                    self._log(row, stage, "printed (dry run)", started)
+                    return False
+                fields["notified_at"] = row["notified_at"] or time.time()
                 outcome = "sent"
             else:
                 raise PermanentError(f"unknown stage {stage!r}")
@@ -3903,6 +4092,7 @@ class Runtime:
     store_failing_since: float | None = None
     _secrets_of: Any = None
     _secrets: list[str] = field(default_factory=list)
+    destinations: Destinations | None = None  # Discord and the signed webhook
 
     @property
     def source_configs(self) -> dict[str, SourceConfig]:
@@ -3988,7 +4178,7 @@ class Scheduler:
         rt = self.rt = Runtime(
             config=config, store=store, http=http, llm=make_llm(config, store, metrics, http),
             slack=Slack(config.slack, http, metrics, store), dry_run=self.dry_run,
-            metrics=metrics,
+            metrics=metrics, destinations=Destinations(http),
         )  # fmt: skip
         self.pipeline = Pipeline(rt)
         for source_config in config.sources:
