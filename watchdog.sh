@@ -16,8 +16,12 @@
 #
 # Environment, all optional:
 #   AGENTWATCH_HEALTH_URL      http://127.0.0.1:8787/health
+#   AGENTWATCH_DB              ./agentwatch.db (the `db` key of the config, relative to
+#                              the config's folder): the process is found by the
+#                              lock it holds on "$AGENTWATCH_DB.lock", which names it
 #   AGENTWATCH_PIDFILE         ./agentwatch.pid (the file `agentwatch run` writes:
-#                              its `pidfile` key, beside the db unless absolute)
+#                              its `pidfile` key, beside the db unless absolute); the
+#                              watchdog's own lock is "$AGENTWATCH_PIDFILE.watchdog"
 #   AGENTWATCH_CONFIG          passed on to the command as --config
 #   AGENTWATCH_LOG             ./agentwatch.log
 #   AGENTWATCH_CMD             agentwatch run  (split on spaces; use a full path under cron)
@@ -31,6 +35,7 @@
 set -u
 
 health_url=${AGENTWATCH_HEALTH_URL:-http://127.0.0.1:8787/health}
+lockfile=${AGENTWATCH_DB:-./agentwatch.db}.lock
 pidfile=${AGENTWATCH_PIDFILE:-./agentwatch.pid}
 logfile=${AGENTWATCH_LOG:-./agentwatch.log}
 cmd=${AGENTWATCH_CMD:-agentwatch run}
@@ -93,15 +98,31 @@ alive() {
     return 0
 }
 
-# After a crash the pidfile stays behind, and its pid may since belong to
-# something else: only a process whose command line says `agentwatch ... run`
-# is ever signalled.
-is_agentwatch() {
-    args=$(ps -p "$1" -o args= 2>/dev/null) || return 1
-    case $args in
-        *agentwatch*run*) return 0 ;;
-        *) return 1 ;;
+# The pid in the database's lock file, if it holds one.
+lock_holder() {
+    holder=$(tr -d ' \n' <"$lockfile" 2>/dev/null) || return 1
+    case $holder in
+        '' | *[!0-9]*) return 1 ;;
     esac
+    printf '%s\n' "$holder"
+}
+
+# True when process $1 is the agentwatch running on this database: the lock file
+# names it, and the lock is held by it. A name in a command line is not enough (a
+# recycled pid, another instance, `tail -f .../agentwatch/run.log` all match one).
+# Where /proc shows open files, $1 must have the lock file open (agentwatch keeps
+# it open exactly while it holds the lock); elsewhere, someone must hold the lock
+# (flock -n fails) while the file names $1.
+is_agentwatch() {
+    [ "$(lock_holder)" = "$1" ] || return 1
+    if [ -d "/proc/$1/fd" ]; then
+        lock_path="$(cd "$(dirname "$lockfile")" 2>/dev/null && pwd -P)/$(basename "$lockfile")"
+        for fd in "/proc/$1/fd/"*; do
+            [ "$(readlink "$fd" 2>/dev/null)" = "$lock_path" ] && return 0
+        done
+        return 1
+    fi
+    ! flock -n "$lockfile" true 2>/dev/null
 }
 
 stop() {
@@ -184,20 +205,30 @@ if reason=$(probe); then
 fi
 log "$health_url $reason"
 
+# The pidfile may be stale, lost, or not the one `run` writes (another path):
+# the lock holder is the process to replace whatever the pidfile says.
 pid=$(cat "$pidfile" 2>/dev/null)
 case $pid in
     '' | *[!0-9]*)
         [ -z "$pid" ] || log "ignoring $pidfile: it does not hold a pid"
+        pid=
         ;;
     *)
         if ! alive "$pid"; then
             log "pid $pid (from $pidfile) is not running"
-        elif is_agentwatch "$pid"; then
-            stop "$pid" || exit 1
-        else
-            log "pid $pid (from $pidfile) is not agentwatch: leaving it alone"
+            pid=
+        elif ! is_agentwatch "$pid"; then
+            log "pid $pid (from $pidfile) is not agentwatch on $lockfile: leaving it alone"
+            pid=
         fi
         ;;
 esac
+if [ -z "$pid" ] && holder=$(lock_holder) && alive "$holder" && is_agentwatch "$holder"; then
+    log "pid $holder holds $lockfile"
+    pid=$holder
+fi
+if [ -n "$pid" ]; then
+    stop "$pid" || exit 1
+fi
 
 start || exit 1

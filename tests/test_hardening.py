@@ -8,8 +8,12 @@ from __future__ import annotations
 import codecs
 import importlib.metadata
 import logging
+import os
 import re
+import signal
+import socket
 import sqlite3
+import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -17,6 +21,17 @@ from pathlib import Path
 import pytest
 from fakes import rss
 from helpers import rows
+from test_ops import (
+    free_port,
+    live,
+    log_text,
+    pidfile_pid,
+    run_watchdog,
+    wait_health,
+    watchdog_env,
+    write_config,
+)
+from test_ops import reap as reap  # the fixture: kills what watchdog.sh started
 
 import agentwatch
 
@@ -359,3 +374,123 @@ def test_a_damaged_database_is_one_clear_line_and_exit_2(how, make_config, run_c
         line = one_error_line(result.stderr)
         assert "damaged" in line and ".recover" in line and "backup" in line
         assert str(tmp_path / "aw.db") in line
+
+
+# -- watchdog.sh, the systemd unit, file modes ------------------------------
+
+
+def test_watchdog_leaves_alone_a_process_that_only_looks_like_agentwatch_run(tmp_path, reap):
+    """`tail -f .../agentwatch/run.log` matched the old `*agentwatch*run*` test."""
+    port = free_port()
+    config = write_config(tmp_path, port, rest='[llm]\nprovider = "none"')
+    reap(config)
+    (tmp_path / "agentwatch").mkdir()
+    (tmp_path / "agentwatch" / "run.log").write_text("")
+    bystander = subprocess.Popen(["tail", "-f", str(tmp_path / "agentwatch" / "run.log")])
+    try:
+        (tmp_path / "agentwatch.pid").write_text(f"{bystander.pid}\n")  # a recycled pid
+        result = run_watchdog(tmp_path, watchdog_env(tmp_path, config, port))
+        log = log_text(tmp_path, "watchdog.log")
+        assert result.returncode == 0, log
+        assert bystander.poll() is None, "the watchdog signalled `tail -f`"
+        assert f"pid {bystander.pid} (from {tmp_path / 'agentwatch.pid'}) is not agentwatch" in log
+        assert wait_health(port)["pid"] == pidfile_pid(tmp_path) != bystander.pid
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_watchdog_leaves_another_instance_alone(tmp_path, start_cli, reap):
+    """The pidfile names an agentwatch, but one running on another database."""
+    (tmp_path / "other").mkdir()
+    other_port, port = free_port(), free_port()
+    other_config = write_config(tmp_path / "other", other_port, rest='[llm]\nprovider = "none"')
+    other = start_cli("run", config=other_config)
+    wait_health(other_port, proc=other)
+    config = write_config(tmp_path, port, rest='[llm]\nprovider = "none"')
+    reap(config)
+    (tmp_path / "agentwatch.pid").write_text(f"{other.pid}\n")
+    result = run_watchdog(tmp_path, watchdog_env(tmp_path, config, port))
+    log = log_text(tmp_path, "watchdog.log")
+    assert result.returncode == 0, log
+    assert other.returncode is None and wait_health(other_port)["pid"] == other.pid
+    assert f"pid {other.pid} (from" in log and "leaving it alone" in log
+    assert wait_health(port)["pid"] == pidfile_pid(tmp_path) != other.pid
+
+
+def test_watchdog_finds_a_hung_process_by_its_lock_whatever_the_pidfile_says(tmp_path, reap):
+    """A watchdog whose pidfile path is not run's used to leave a hung process forever
+    (and start one that the lock refused, every minute)."""
+    port = free_port()
+    config = write_config(tmp_path, port, rest='[llm]\nprovider = "none"')
+    reap(config)
+    env = watchdog_env(tmp_path, config, port, AGENTWATCH_HEALTH_TIMEOUT="2")
+    assert run_watchdog(tmp_path, env).returncode == 0, log_text(tmp_path, "watchdog.log")
+    hung = pidfile_pid(tmp_path)
+    os.kill(hung, signal.SIGSTOP)
+    elsewhere = {**env, "AGENTWATCH_PIDFILE": str(tmp_path / "not-runs.pid")}
+    result = run_watchdog(tmp_path, elsewhere)
+    log = log_text(tmp_path, "watchdog.log")
+    assert result.returncode == 0, log
+    assert f"pid {hung} holds ./agentwatch.db.lock" in log
+    assert f"stopping pid {hung} (TERM)" in log
+    assert not live(hung)
+    assert wait_health(port)["pid"] == pidfile_pid(tmp_path) != hung
+
+
+def test_the_systemd_unit_pings_a_watchdog_and_is_bounded():
+    unit = (ROOT / "agentwatch.service").read_text()
+    keys = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0].isalpha()
+    )
+    assert keys["Type"] == "notify"
+    assert keys["NotifyAccess"] == "main"
+    assert keys["UMask"] == "0077"
+    assert re.fullmatch(r"\d+[KMG]", keys["MemoryMax"])
+    assert re.fullmatch(r"\d+s?", keys["WatchdogSec"])
+    assert keys["Restart"] in ("on-failure", "always")  # a watchdog timeout is a failure
+
+
+def test_run_tells_systemd_ready_watchdog_and_stopping(tmp_path, start_cli, make_config):
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(15)
+    config = make_config('[agentwatch]\ndb = "aw.db"\nhealth = ""\n[llm]\nprovider = "none"\n')
+    proc = start_cli("run", config=config, env={"NOTIFY_SOCKET": str(sock_path)})
+    try:
+        first = listener.recv(4096).decode()
+        assert "READY=1" in first.split("\n"), first
+        pings = [listener.recv(4096).decode() for _ in range(2)]  # one a tick (a second)
+        assert pings == ["WATCHDOG=1", "WATCHDOG=1"], pings
+        proc.kill(signal.SIGTERM)
+        while (message := listener.recv(4096).decode()) == "WATCHDOG=1":
+            pass
+        assert message == "STOPPING=1"
+        assert proc.wait() == 0
+    finally:
+        listener.close()
+
+
+def test_the_database_its_wal_and_the_log_are_created_0600(tmp_path, start_cli, make_config):
+    config = make_config(
+        '[agentwatch]\ndb = "aw.db"\nhealth = ""\nlog_file = "aw.log"\n[llm]\nprovider = "none"\n'
+    )
+    before = os.umask(0o022)  # a usual login umask: files would be world-readable
+    try:
+        proc = start_cli("run", config=config)
+    finally:
+        os.umask(before)
+    names = ("aw.db", "aw.db-wal", "aw.db-shm", "aw.log")
+    deadline = time.monotonic() + 15
+    while not all((tmp_path / n).exists() for n in names):
+        assert proc.returncode is None and time.monotonic() < deadline, proc.stderr_text()
+        time.sleep(0.05)
+    modes = {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in names}
+    assert modes == dict.fromkeys(names, "0o600")
+    while "starting" not in (tmp_path / "aw.log").read_text():  # SIGTERM handled from here
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0

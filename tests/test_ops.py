@@ -823,8 +823,12 @@ def test_watchdog_never_starts_a_second_agentwatch_while_one_holds_the_lock(
     reap(config)
     proc = start_cli("run", config=config)
     wait_health(port, proc=proc)
-    # A lost pidfile and a wrong health URL: the watchdog believes nothing runs.
-    env = watchdog_env(tmp_path, config, free_port(), AGENTWATCH_PIDFILE=str(tmp_path / "lost.pid"))
+    # A lost pidfile, the wrong database and a wrong health URL: the watchdog
+    # believes nothing runs.
+    env = watchdog_env(
+        tmp_path, config, free_port(), AGENTWATCH_PIDFILE=str(tmp_path / "lost.pid"),
+        AGENTWATCH_DB=str(tmp_path / "lost.db"),
+    )  # fmt: skip
     result = run_watchdog(tmp_path, env)
     assert result.returncode == 1
     log = log_text(tmp_path, "watchdog.log")

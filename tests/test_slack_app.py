@@ -191,7 +191,9 @@ def test_kill_9_while_a_post_is_in_flight_delivers_exactly_once(
         assert proc.wait() == 0
         posted = item_ids_posted(slack_api)
         assert sorted(posted) == sorted(e["guid"] for e in entries), posted
-    assert len(slack_api.calls_of("conversations.history")) == 3
+    lookups = [c for c in slack_api.calls_of("conversations.history")
+               if c["args"].get("include_all_metadata") == "true"]  # fmt: skip
+    assert len(lookups) == 3
     stored = rows(db, "SELECT ts FROM deliveries ORDER BY ts")
     assert [d["ts"] for d in stored] == [m["ts"] for m in slack_api.messages()]
 
@@ -339,5 +341,230 @@ def test_metrics_count_web_api_calls(slack_api, feeds, make_config, start_cli):
         what="the metric",
     )
     assert body
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
+# -- Slack app mode: one thread per story --------------------------------------
+
+
+def store_item(store, source: str, item_id: str, **kw) -> dict:
+    fields = {"title": item_id, "url": "", "kind": "", "extra": "{}", **kw}
+    with store.transaction() as db:
+        db.execute(
+            """INSERT INTO items (source, item_id, title, url, kind, extra, stages, stage, status,
+               created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'notify', 'notify', 'pending', ?, ?)""",
+            (source, item_id, fields["title"], fields["url"], fields["kind"], fields["extra"],
+             time.time(), time.time()),
+        )  # fmt: skip
+    return store.db.execute(
+        "SELECT * FROM items WHERE source = ? AND item_id = ?", (source, item_id)
+    ).fetchone()
+
+
+def deliver_all(api, tmp_path, *specs) -> list[str]:
+    """Deliver items (source, item_id, fields) in order through a SlackApp; their ts."""
+    import httpx2
+
+    store = agentwatch.Store(tmp_path / "stories.db")
+    settings = agentwatch.SlackSettings(bot_token=api.token, channel="C0TEST123",
+                                        api_url=api.url + "/api")  # fmt: skip
+
+    async def go():
+        async with httpx2.AsyncClient() as http:
+            app = agentwatch.SlackApp(settings, store, http, Counter())
+            return [
+                await app.deliver(store_item(store, source, item_id, **fields), "C0TEST123")
+                for source, item_id, fields in specs
+            ]
+
+    try:
+        return asyncio.run(go())
+    finally:
+        store.close()
+
+
+def test_a_reddit_comment_on_a_post_already_sent_goes_in_its_thread(slack_api, tmp_path):
+    post, comment, other = deliver_all(
+        slack_api, tmp_path,
+        ("r", "t3_abc", {"kind": "post", "url": "https://www.reddit.com/r/x/comments/abc/t/"}),
+        ("r", "t1_def", {"kind": "comment", "extra": '{"post": "t3_abc"}',
+                         "url": "https://www.reddit.com/r/x/comments/abc/t/def/"}),
+        ("r", "t1_ghi", {"kind": "comment", "extra": '{"post": "t3_zzz"}'}),
+    )  # fmt: skip
+    assert [m["ts"] for m in slack_api.messages()] == [post, other]
+    assert [m["ts"] for m in slack_api.replies("C0TEST123", post)] == [comment]
+    (update,) = slack_api.calls_of("chat.update")
+    assert update["args"]["ts"] == post
+    assert "1 reply in the thread" in json.dumps(slack_api.messages()[0]["blocks"])
+    # The first message still names its item, so exactly-once lookups still find it.
+    assert slack_api.messages()[0]["metadata"]["event_payload"]["item_id"] == "t3_abc"
+
+
+def test_the_same_link_from_another_source_joins_the_story(slack_api, tmp_path):
+    first, again, third = deliver_all(
+        slack_api, tmp_path,
+        ("blog", "1", {"url": "https://www.example.com/post/launch/?utm_source=rss"}),
+        ("hn", "2", {"url": "http://example.com/post/launch#comments"}),
+        ("forum", "3", {"url": "https://example.com/post/launch?page=2"}),
+    )  # fmt: skip
+    assert [m["ts"] for m in slack_api.messages()] == [first, third]
+    assert [m["ts"] for m in slack_api.replies("C0TEST123", first)] == [again]
+
+
+def test_recovered_after_down_replies_and_the_first_message_says_for_how_long(slack_api, tmp_path):
+    down, up, down_again = deliver_all(
+        slack_api, tmp_path,
+        ("site", "down:1000", {"kind": "down", "title": "site is down: 503"}),
+        ("site", "recovered:1000", {"kind": "recovered", "extra": '{"downtime_s": 720}'}),
+        ("site", "down:5000", {"kind": "down", "title": "site is down again"}),
+    )  # fmt: skip
+    assert [m["ts"] for m in slack_api.messages()] == [down, down_again]
+    assert [m["ts"] for m in slack_api.replies("C0TEST123", down)] == [up]
+    first = slack_api.messages()[0]
+    assert "recovered after 12m · 1 reply in the thread" in json.dumps(
+        first["blocks"], ensure_ascii=False
+    )
+    assert "site is down: 503" in first["text"]  # updated, still the outage's own message
+
+
+def test_a_later_change_of_a_watched_page_goes_in_the_first_change_thread(slack_api, tmp_path):
+    first, *later = deliver_all(
+        slack_api, tmp_path,
+        *(("page", f"change:{i}", {"kind": "changed"}) for i in range(3)),
+    )  # fmt: skip
+    assert [m["ts"] for m in slack_api.messages()] == [first]
+    assert [m["ts"] for m in slack_api.replies("C0TEST123", first)] == later
+    assert "2 replies in the thread" in json.dumps(slack_api.messages()[0]["blocks"])
+
+
+def test_a_story_thread_end_to_end_survives_a_failed_update(
+    slack_api, feeds, make_config, run_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme launches v2")]))
+    same_link = {**entry(1, "Acme v2 is out"), "guid": "other:1"}
+    same_link["link"] += "?utm_campaign=hn"
+    feeds.set("/b.xml", rss([same_link]))
+    slack_api.fail("chat.update", "internal_error")
+    config = make_config(
+        app_config(
+            slack_api,
+            rss_source("blog", f"{feeds.url}/a.xml"),
+            rss_source("hn", f"{feeds.url}/b.xml"),
+        )
+    )
+    result = run_cli("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    (first,) = slack_api.messages()
+    (reply,) = slack_api.replies("C0TEST123", first["ts"])
+    assert "could not update the first message of a story" in result.stderr
+    assert {r["status"] for r in rows(tmp_path / "aw.db", "SELECT status FROM items")} == {"done"}
+    stored = rows(tmp_path / "aw.db", "SELECT * FROM deliveries WHERE thread_ts IS NOT NULL")
+    assert [(d["ts"], d["thread_ts"]) for d in stored] == [(reply["ts"], first["ts"])]
+
+
+def test_a_reply_cut_off_in_flight_is_found_in_its_thread_not_posted_twice(slack_api, tmp_path):
+    import httpx2
+
+    store = agentwatch.Store(tmp_path / "stories.db")
+    settings = agentwatch.SlackSettings(bot_token=slack_api.token, channel="C0TEST123",
+                                        api_url=slack_api.url + "/api")  # fmt: skip
+    link = {"url": "https://example.com/a"}
+
+    async def go():
+        async with httpx2.AsyncClient() as http:
+            app = agentwatch.SlackApp(settings, store, http, Counter())
+            first = await app.deliver(store_item(store, "a", "1", **link), "C0TEST123")
+            reply = store_item(store, "b", "2", **link)
+            slack_api.slow("chat.postMessage", 3.0)
+            with pytest.raises(TimeoutError):  # the process dies with the post in flight
+                await asyncio.wait_for(app.deliver(reply, "C0TEST123"), 1.0)
+            slack_api.slow("chat.postMessage", 0.0)
+            app = agentwatch.SlackApp(settings, store, http, Counter())  # a new process
+            return first, await app.deliver(reply, "C0TEST123")
+
+    try:
+        first, reply_ts = asyncio.run(go())
+    finally:
+        store.close()
+    assert [m["ts"] for m in slack_api.replies("C0TEST123", first)] == [reply_ts]
+    (lookup,) = slack_api.calls_of("conversations.replies")
+    assert lookup["args"]["ts"] == first
+    assert len(slack_api.calls_of("chat.postMessage")) == 2
+
+
+# -- Slack app mode: reactions ---------------------------------------------------
+
+
+def test_reactions_on_its_messages_become_feedback_and_handled(
+    slack_api, feeds, make_config, run_cli, start_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(i, f"Acme story {i}") for i in range(4)]))
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    by_title = {m["text"].split("] ")[1].split(" https")[0]: m["ts"] for m in slack_api.messages()}
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "-1")
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "-1", user="U2")
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "+1::skin-tone-3")
+    slack_api.react("C0TEST123", by_title["Acme story 1"], "+1")
+    slack_api.react("C0TEST123", by_title["Acme story 2"], "white_check_mark")
+    slack_api.react("C0TEST123", by_title["Acme story 3"], "tada")
+    proc = start_cli("run", config=config)
+    db = tmp_path / "aw.db"
+    feedback = """SELECT items.title, feedback.verdict, feedback.origin FROM feedback
+                  JOIN items ON items.id = feedback.item_row ORDER BY items.title"""
+    found = wait_until(lambda: len(rows(db, feedback)) == 2 and rows(db, feedback), what="feedback")
+    assert [(r["title"], r["verdict"], r["origin"]) for r in found] == [
+        ("Acme story 0", "irrelevant", "slack"),
+        ("Acme story 1", "relevant", "slack"),
+    ]
+    handled = wait_until(
+        lambda: rows(db, "SELECT title FROM items WHERE handled_at IS NOT NULL"), what="handled"
+    )
+    assert [r["title"] for r in handled] == ["Acme story 2"]
+    proc.wait_for_output(r"Slack reactions: 3 item\(s\) marked")
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    (read,) = slack_api.calls_of("conversations.history")
+    assert float(read["args"]["oldest"]) < time.time() - 6 * 86400
+
+
+def test_reactions_in_a_story_thread_are_read_and_a_second_pass_changes_nothing(
+    slack_api, tmp_path
+):
+    import httpx2
+
+    store = agentwatch.Store(tmp_path / "r.db")
+    settings = agentwatch.SlackSettings(bot_token=slack_api.token, channel="C0TEST123",
+                                        api_url=slack_api.url + "/api")  # fmt: skip
+    link = {"url": "https://example.com/a"}
+
+    async def go():
+        async with httpx2.AsyncClient() as http:
+            app = agentwatch.SlackApp(settings, store, http, Counter())
+            await app.deliver(store_item(store, "a", "1", **link), "C0TEST123")
+            reply = await app.deliver(store_item(store, "b", "2", **link), "C0TEST123")
+            slack_api.react("C0TEST123", reply, "-1")
+            return await app.read_reactions(), await app.read_reactions()
+
+    try:
+        first, second = asyncio.run(go())
+        verdicts = store.db.execute("SELECT item_row, verdict FROM feedback").fetchall()
+    finally:
+        store.close()
+    assert (first, second) == (1, 0)
+    assert [tuple(v) for v in verdicts] == [(2, "irrelevant")]
+    assert slack_api.calls_of("conversations.replies")
+
+
+def test_a_missing_scope_while_reading_reactions_is_logged_once_and_posting_goes_on(
+    slack_api, feeds, make_config, run_cli, start_cli
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme story")]))
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    slack_api.scopes.discard("channels:history")
+    proc = start_cli("run", config=config)
+    proc.wait_for_output("cannot read Slack reactions: .*missing_scope.*channels:history")
     proc.kill(signal.SIGTERM)
     assert proc.wait() == 0
