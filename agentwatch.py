@@ -340,6 +340,21 @@ class SlackSettings:
 
 
 @dataclass
+class DiscordSettings:
+    """The [discord] table."""
+
+    webhook_url: str = ""
+
+
+@dataclass
+class WebhookSettings:
+    """The [webhook] table: a generic JSON POST, signed."""
+
+    url: str = ""
+    secret: str = ""
+
+
+@dataclass
 class SourceConfig:
     """One [[sources]] table: the keys every type shares, plus the type's own `options`."""
 
@@ -355,6 +370,7 @@ class SourceConfig:
     )
     slack_webhook_url: str = ""
     slack_channel: str = ""
+    destinations: list[str] = field(default_factory=lambda: ["slack"])
     options: Any = None
     # The LLM's per-source guidance: about and voice replace [llm]'s, instructions add to them.
     about: str = ""
@@ -386,6 +402,8 @@ class Config:
     knowledge: Knowledge = field(default_factory=lambda: Knowledge())  # [llm] knowledge, read
     # ${VAR}s that were unset when a read-only command loaded it: name -> key.
     unset_env: dict[str, str] = field(default_factory=dict)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def folder(self) -> Path:
@@ -415,6 +433,9 @@ class Config:
         found = [
             self.slack.webhook_url,
             self.slack.bot_token,
+            self.discord.webhook_url,
+            self.webhook.url,
+            self.webhook.secret,
             os.environ.get("ANTHROPIC_API_KEY", ""),
         ]
         for s in self.sources:
@@ -486,8 +507,10 @@ def _load_config(path: Path) -> Config:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
     for key in raw:
-        if key not in ("agentwatch", "llm", "slack", "sources"):
-            raise ConfigError(key, "unknown table (known: agentwatch, llm, slack, sources)")
+        if key not in ("agentwatch", "llm", "slack", "discord", "webhook", "sources"):
+            raise ConfigError(
+                key, "unknown table (known: agentwatch, llm, slack, discord, webhook, sources)"
+            )
     settings = build(Settings, _table(raw, "agentwatch"), "agentwatch")
     llm = build(LLMSettings, _table(raw, "llm"), "llm")
     slack = build(SlackSettings, _table(raw, "slack"), "slack")
@@ -495,6 +518,10 @@ def _load_config(path: Path) -> Config:
     _check_slack(slack)
     config = Config(path, settings, llm, slack, [])
     config.knowledge = load_knowledge(config)
+    config.discord = build(DiscordSettings, _table(raw, "discord"), "discord")
+    config.webhook = build(WebhookSettings, _table(raw, "webhook"), "webhook")
+    if config.webhook.url and not config.webhook.secret:
+        raise ConfigError("webhook.secret", "is required with a url: every post is signed")
 
     load_plugins(config)
     raw_sources = raw.get("sources", [])
@@ -507,6 +534,19 @@ def _load_config(path: Path) -> Config:
             raise ConfigError(f"sources[{i}].name", f"{source.name!r} is used twice")
         seen.add(source.name)
         config.sources.append(source)
+        for j, name in enumerate(source.destinations):
+            configured = {"slack": True, "discord": config.discord.webhook_url,
+                          "webhook": config.webhook.url}  # fmt: skip
+            if name not in configured:
+                raise ConfigError(f"sources[{i}].destinations[{j}]",
+                                  f"unknown destination {name!r} (known: slack, discord, webhook)")  # fmt: skip
+            if not configured[name]:
+                key = "webhook_url" if name == "discord" else "url"
+                raise ConfigError(f"sources[{i}].destinations[{j}]", f"[{name}] {key} is not set")
+        if not source.destinations or len(set(source.destinations)) != len(source.destinations):
+            raise ConfigError(
+                f"sources[{i}].destinations", "must name each destination once, at least one"
+            )
     check_hooks(config)
     return config
 
@@ -811,6 +851,13 @@ CREATE TABLE stories (
     PRIMARY KEY (key, channel)
 );
 CREATE INDEX deliveries_thread ON deliveries (channel, thread_ts);
+""")
+
+# Slack app mode: a :white_check_mark: on an item's message marks it handled (the
+# digest reports it); reactions are matched to items by their message's ts.
+MIGRATIONS.append("""
+ALTER TABLE items ADD COLUMN handled_at REAL;
+CREATE INDEX deliveries_ts ON deliveries (channel, ts)
 """)
 
 BODY_LIMIT = 20_000  # characters of an item's body that are stored
@@ -1212,6 +1259,49 @@ class Store:
             (channel, ts),
         ).fetchall()
         return first, replies
+
+    def reaction_targets(self, since: float, threads: int) -> dict[str, list[str]]:
+        """{channel: its most recently active story threads} for messages posted since `since`."""
+        found: dict[str, list[str]] = {}
+        for (channel,) in self.db.execute(
+            "SELECT DISTINCT channel FROM deliveries WHERE destination = 'slack' AND done_at >= ?",
+            (since,),
+        ):
+            found[channel] = []
+        for channel, ts in self.db.execute(
+            """SELECT channel, thread_ts FROM deliveries WHERE destination = 'slack'
+               AND thread_ts IS NOT NULL AND done_at >= ? GROUP BY channel, thread_ts
+               ORDER BY MAX(done_at) DESC LIMIT ?""",
+            (since, threads),
+        ):
+            found.setdefault(channel, []).append(ts)
+        return found
+
+    def record_reactions(self, channel: str, seen: list[tuple[str, str | None, bool]]) -> int:
+        """(message ts, verdict or None, handled) read from Slack: the items whose
+        feedback or handled mark changed are written; returns how many changed."""
+        changed = 0
+        for ts, verdict, handled in seen:
+            row = self.db.execute(
+                """SELECT items.id, items.handled_at, feedback.verdict FROM deliveries
+                   JOIN items ON items.id = deliveries.item
+                   LEFT JOIN feedback ON feedback.item_row = items.id
+                   WHERE deliveries.destination = 'slack' AND deliveries.channel = ?
+                   AND deliveries.ts = ?""",
+                (channel, ts),
+            ).fetchone()
+            if row is None:
+                continue
+            if verdict and row["verdict"] != verdict:
+                self.add_feedback(row["id"], verdict, "slack")
+                changed += 1
+            if handled and row["handled_at"] is None:
+                with self.transaction() as db:
+                    db.execute(
+                        "UPDATE items SET handled_at = ? WHERE id = ?", (time.time(), row["id"])
+                    )
+                changed += 1
+        return changed
 
     # --- dead-letter queue ---------------------------------------------------
 
@@ -3017,6 +3107,36 @@ def story_state(first: Any, replies: list[Any]) -> str:
     return " · ".join(parts)
 
 
+# --- Slack app mode: reactions as feedback ------------------------------------
+
+REACTIONS_EVERY = 60.0  # seconds between reads: a reaction is seen within ~1-2 minutes
+REACTIONS_DAYS = 7  # messages younger than this are read for reactions
+REACTION_THREADS = 20  # threads read per pass, the most recently active first
+REACTION_VERDICTS = {"-1": "irrelevant", "thumbsdown": "irrelevant", "+1": "relevant",
+                     "thumbsup": "relevant"}  # fmt: skip
+HANDLED_REACTION = "white_check_mark"
+
+
+def reaction_counts(message: dict) -> Counter:
+    """{reaction name without skin tone: users}: "+1::skin-tone-2" counts as "+1"."""
+    counts: Counter = Counter()
+    for reaction in message.get("reactions") or []:
+        if isinstance(reaction, dict) and isinstance(reaction.get("name"), str):
+            count = reaction.get("count")
+            counts[reaction["name"].split("::")[0]] += count if isinstance(count, int) else 1
+    return counts
+
+
+def reaction_verdict(counts: Counter) -> str | None:
+    """More 👎 than 👍: irrelevant; more 👍: relevant; a tie says nothing."""
+    votes = Counter()
+    for name, verdict in REACTION_VERDICTS.items():
+        votes[verdict] += counts.get(name, 0)
+    if votes["irrelevant"] == votes["relevant"]:
+        return None
+    return "irrelevant" if votes["irrelevant"] > votes["relevant"] else "relevant"
+
+
 class SlackApp:
     """Items posted with chat.postMessage, each exactly once, one thread per story."""
 
@@ -3056,6 +3176,41 @@ class SlackApp:
         story = self.store.story(keys, channel, time.time() - STORY_KEEP)
         thread_ts = story["ts"] if story and story["item"] != row["id"] else None
         return await self.post(row, channel, render_message([row]), thread_ts), thread_ts
+
+    async def read_reactions(self) -> int:
+        """One pass over this app's messages of the last days: 👎/👍 become feedback,
+        ✅ marks the item handled. Returns how many items changed."""
+        since = time.time() - REACTIONS_DAYS * 86400
+        changed = 0
+        for channel, threads in self.store.reaction_targets(since, REACTION_THREADS).items():
+            messages = await self.messages(
+                "conversations.history", channel=channel, oldest=f"{since:.6f}", limit=200
+            )
+            for thread_ts in threads:  # replies are not in the channel's history
+                messages += await self.messages(
+                    "conversations.replies", channel=channel, ts=thread_ts, limit=200
+                )
+            seen = []
+            for message in messages:
+                counts = reaction_counts(message)
+                if counts and isinstance(message.get("ts"), str):
+                    seen.append(
+                        (message["ts"], reaction_verdict(counts), bool(counts[HANDLED_REACTION]))
+                    )
+            changed += self.store.record_reactions(channel, seen)
+        return changed
+
+    async def messages(self, method: str, **args: Any) -> list[dict]:
+        """Every message a history method lists, page by page (at most LOOKUP_PAGES)."""
+        found: list[dict] = []
+        for _ in range(LOOKUP_PAGES):
+            answer = await self.api.call(method, **args)
+            found += [m for m in answer.get("messages") or [] if isinstance(m, dict)]
+            cursor = (answer.get("response_metadata") or {}).get("next_cursor")
+            if not answer.get("has_more") or not cursor:
+                break
+            args["cursor"] = cursor
+        return found
 
     async def show_story(self, channel: str, ts: str) -> None:
         """Update a story's first message with its state. A failure is only logged:
@@ -3139,6 +3294,7 @@ class Slack:
         self.store = store
         self.out = out or sys.stdout
         self.webhooks: dict[str, Webhook] = {}
+        self.reading: asyncio.Task | None = None
         self.configure(settings)
 
     def configure(self, settings: SlackSettings) -> None:
@@ -3160,6 +3316,30 @@ class Slack:
             return
         await self.webhook(url).send(row)
 
+    def start_reading_reactions(self) -> None:
+        """For `run`: read reactions on the app's messages every REACTIONS_EVERY."""
+        self.reading = asyncio.create_task(self.read_reactions_forever(), name="slack-reactions")
+
+    async def read_reactions_forever(self) -> None:
+        failing = ""
+        while True:
+            if self.app:  # a reload may turn the app on or off
+                try:
+                    changed = await self.app.read_reactions()
+                except StageError as e:
+                    if str(e) != failing:  # say it once, not every minute
+                        log.warning("cannot read Slack reactions: %s", e)
+                    failing = str(e)
+                except Exception:  # a bug: keep the traceback, keep reading
+                    log.exception("reading Slack reactions failed")
+                else:
+                    if failing:
+                        log.info("reading Slack reactions works again")
+                    failing = ""
+                    if changed:
+                        log.info("Slack reactions: %d item(s) marked", changed)
+            await asyncio.sleep(REACTIONS_EVERY)
+
     def webhook(self, url: str) -> Webhook:
         if url not in self.webhooks:
             self.webhooks[url] = Webhook(url, self.http, self.metrics)
@@ -3180,11 +3360,148 @@ class Slack:
         self.out.flush()
 
     async def close(self) -> None:
+        if self.reading:
+            self.reading.cancel()
+            await asyncio.gather(self.reading, return_exceptions=True)
         for webhook in self.webhooks.values():
             webhook.task.cancel()
         for webhook in self.webhooks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await webhook.task
+
+
+# ###########################################################################
+# ### Other destinations: Discord and a signed webhook
+# ###########################################################################
+#
+# Each destination a source names is its own stage (`notify` is Slack,
+# `notify_discord`, `notify_webhook`), run in the order of `destinations`, so
+# one that fails is retried alone and never resends the ones before it. Neither
+# can be asked whether a post happened, so these are at least once (the
+# webhook's X-Agentwatch-Delivery header lets a receiver drop a repeat).
+
+DESTINATION_STAGES = {"slack": "notify", "discord": "notify_discord", "webhook": "notify_webhook"}
+DISCORD_PACE = 0.5  # seconds between posts to one Discord webhook (it allows 5 per 2 s)
+
+
+def with_destinations(stages: tuple[str, ...], config: SourceConfig) -> tuple[str, ...]:
+    """A source type's stages with its `notify` stage replaced by one per destination."""
+    if "notify" not in stages or config.destinations == ["slack"]:
+        return stages
+    at = stages.index("notify")
+    sends = tuple(DESTINATION_STAGES[d] for d in config.destinations)
+    return stages[:at] + sends + stages[at + 1 :]
+
+
+def item_json(row: Any) -> dict:
+    """The item as the generic webhook sends it: the item, its labels and draft."""
+    classification = json.loads(row["classification"]) if row["classification"] else None
+    extra = json.loads(row["extra"] or "{}")
+    return {
+        "id": row["id"], "source": row["source"], "item_id": row["item_id"],
+        "kind": row["kind"], "title": row["title"], "url": row["url"], "author": row["author"],
+        "published_at": iso(row["published_at"]) or None, "body": row["body"],
+        "labels": sorted(labels_of(classification)) if classification else [],
+        "classification": classification, "summary": item_summary(row) or None,
+        "draft": row["draft"], "extra": extra, "sent_at": iso(time.time()),
+    }  # fmt: skip
+
+
+def discord_payload(row: Any) -> dict:
+    """One embed within Discord's limits; no mention in it can ping anyone."""
+    fields = []
+    if labels := item_labels(row):
+        fields.append({"name": "Labels", "value": labels[:1024], "inline": True})
+    if summary := item_summary(row):
+        fields.append({"name": "Summary", "value": summary[:1024]})
+    if row["draft"]:
+        fields.append({"name": "Draft reply", "value": row["draft"][:1024]})
+    embed: dict[str, Any] = {
+        "title": (row["title"] or "(no title)")[:256],
+        "description": (row["body"] or "")[:1500] if not row["classification"] else "",
+        "fields": fields,
+        "footer": {
+            "text": (row["source"] + (f" · by {row['author']}" if row["author"] else ""))[:2048]
+        },
+    }
+    if re.match(r"^https?://\S+$", row["url"] or "") and len(row["url"]) <= 2000:
+        embed["url"] = row["url"]
+    if row["published_at"]:
+        embed["timestamp"] = iso(row["published_at"])
+    return {"username": "agentwatch", "embeds": [embed], "allowed_mentions": {"parse": []}}
+
+
+async def post_json(http: Any, name: str, url: str, body: bytes, headers: dict,
+                    pace: dict[str, float]) -> None:  # fmt: skip
+    """POST to a destination: 2xx done; 429 waits (Retry-After, or Discord's JSON
+    retry_after) and is not an attempt; 5xx and timeouts retry; other 4xx dead-letter."""
+    import httpx2
+
+    for _ in range(5):
+        delay = pace.get(url, 0.0) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pace[url] = time.monotonic() + DISCORD_PACE
+        try:
+            r = await http.post(url, content=body, headers={"Content-Type": "application/json",
+                                                              **headers}, timeout=15.0)  # fmt: skip
+        except httpx2.TimeoutException:
+            raise TransientError(f"{name} did not answer in time", kind="timeout") from None
+        except httpx2.HTTPError as e:
+            raise TransientError(
+                f"cannot reach {name}: {type(e).__name__}", kind="unreachable"
+            ) from None
+        answer = r.text.strip()[:200]
+        if 200 <= r.status_code < 300:
+            if r.headers.get("x-ratelimit-remaining") == "0":  # Discord: the bucket is empty
+                reset = parse_retry_after(r.headers.get("x-ratelimit-reset-after")) or 0.0
+                pace[url] = time.monotonic() + min(reset, 60.0)
+            return
+        if r.status_code == 429:
+            wait = parse_retry_after(r.headers.get("retry-after"))
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                wait = float(r.json()["retry_after"])  # Discord: seconds, with a fraction
+            wait = min(max(wait or 1.0, 0.0), 600.0) if math.isfinite(wait or 1.0) else 600.0
+            log.warning("%s rate-limited: waiting %.1fs", name, wait)
+            pace[url] = time.monotonic() + wait
+            continue
+        if r.status_code >= 500:
+            raise TransientError(f"{name} answered {r.status_code} {answer}", kind="server_error")
+        raise PermanentError(
+            f"{name} refused the message: {r.status_code} {answer}", kind="refused"
+        )
+    raise TransientError(f"{name} kept answering 429", kind="rate_limited")
+
+
+class Destinations:
+    """Discord and the signed webhook, for the notify_discord / notify_webhook stages."""
+
+    def __init__(self, http: Any, out: Any = None):
+        self.http = http
+        self.out = out or sys.stdout
+        self.pace: dict[str, float] = {}
+
+    async def deliver(self, stage: str, row: Any, config: Config, *, dry_run: bool = False) -> None:
+        import hmac
+
+        if stage == "notify_discord":
+            name, url, headers = "Discord", config.discord.webhook_url, {}
+            body = json.dumps(discord_payload(row)).encode()
+        elif stage == "notify_webhook":
+            name, url = "the webhook", config.webhook.url
+            body = json.dumps(item_json(row)).encode()
+            digest = hmac.new(config.webhook.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers = {"X-Agentwatch-Signature": f"sha256={digest}",
+                       "X-Agentwatch-Delivery": f"{row['source']}/{row['item_id']}"}  # fmt: skip
+        else:
+            raise PermanentError(f"unknown stage {stage!r}")
+        if dry_run:
+            self.out.write(f"--- dry-run: would post to {name} ---\n{row['title']}\n")
+            self.out.flush()
+            return
+        if not url:  # the destination left the config after the item was admitted
+            raise PermanentError(f"{name} is not configured any more", kind="refused")
+        await post_json(self.http, name, url, body, headers, self.pace)
 
 
 # ###########################################################################
@@ -3225,7 +3542,10 @@ def admit(
         for item in candidates[config.backfill :]:
             rows.append(_row(item, (), "seen", "first poll: baseline"))
         candidates = candidates[: config.backfill]
-    rows.extend(_row(item, stages(item), "pending", "", now) for item in candidates)
+    rows.extend(
+        _row(item, with_destinations(stages(item), config), "pending", "", now)
+        for item in candidates
+    )
     return rows
 
 
@@ -3351,7 +3671,9 @@ class Pipeline:
         for stage in rest:
             if stage == "draft" and not (self.rt.llm and should_draft(config, classification)):
                 continue
-            if stage in ("draft", "notify") and not should_notify(config, classification):
+            if (stage == "draft" or stage.startswith("notify")) and not should_notify(
+                config, classification
+            ):
                 return {"stage": "done", "status": "skipped", "note": "not notified: " + (
                     ", ".join(sorted(labels_of(classification))) or "no labels")}  # fmt: skip
             return {"stage": stage, "status": "pending"}
@@ -3408,6 +3730,16 @@ class Pipeline:
                     self._log(row, stage, "printed (dry run)", started)
                     return False
                 fields["notified_at"] = time.time()
+                outcome = "sent"
+            elif stage in ("notify_discord", "notify_webhook"):
+                await self.rt.destinations.deliver(
+                    stage, row, self.rt.config, dry_run=self.rt.dry_run
+                )
+                if self.rt.dry_run:
+                    self.parked.add(row["id"])
+                    self._log(row, stage, "printed (dry run)", started)
+                    return False
+                fields["notified_at"] = row["notified_at"] or time.time()
                 outcome = "sent"
             else:
                 raise PermanentError(f"unknown stage {stage!r}")
@@ -3760,6 +4092,7 @@ class Runtime:
     store_failing_since: float | None = None
     _secrets_of: Any = None
     _secrets: list[str] = field(default_factory=list)
+    destinations: Destinations | None = None  # Discord and the signed webhook
 
     @property
     def source_configs(self) -> dict[str, SourceConfig]:
@@ -3845,7 +4178,7 @@ class Scheduler:
         rt = self.rt = Runtime(
             config=config, store=store, http=http, llm=make_llm(config, store, metrics, http),
             slack=Slack(config.slack, http, metrics, store), dry_run=self.dry_run,
-            metrics=metrics,
+            metrics=metrics, destinations=Destinations(http),
         )  # fmt: skip
         self.pipeline = Pipeline(rt)
         for source_config in config.sources:
@@ -3898,6 +4231,8 @@ class Scheduler:
         for name, src in self.rt.sources.items():
             self.start_source(name, src)
         self.retention = asyncio.create_task(self.retention_loop(), name="retention")
+        if not self.dry_run:
+            self.rt.slack.start_reading_reactions()
         sd_notify("READY=1")
         await self.tick_loop()
 

@@ -18,9 +18,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agentwatch_sources._v2 import APISource, Secret, host_of, human_duration, parse_retry_after
-
-from agentwatch import Item, PermanentError, StageError, TransientError, source
+from agentwatch import (
+    Item,
+    PermanentError,
+    Secret,
+    Source,
+    StageError,
+    TransientError,
+    host_of,
+    human_duration,
+    parse_retry_after,
+    source,
+)
 
 GITHUB_TOKENS = "https://github.com/settings/tokens"
 GITHUB_PAGE = 100  # the largest page search serves
@@ -109,7 +118,7 @@ def _resumes(seconds: float) -> str:
 
 
 @source("github")
-class GitHub(APISource):
+class GitHub(Source):
     """Issues and pull requests matching a GitHub search."""
 
     @dataclass(frozen=True)

@@ -17,9 +17,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentwatch_sources._v2 import APISource, host_of, html_to_text, human_duration
-
-from agentwatch import Item, PermanentError, StageError, TransientError, source
+from agentwatch import (
+    Item,
+    PermanentError,
+    Source,
+    StageError,
+    TransientError,
+    host_of,
+    html_to_text,
+    human_duration,
+    source,
+)
 
 HN_ITEM = "https://news.ycombinator.com/item?id="
 HN_PAGE = 100  # hits per request
@@ -108,7 +116,7 @@ def _resumes(seconds: float) -> str:
 
 
 @source("hackernews")
-class HackerNews(APISource):
+class HackerNews(Source):
     """Stories and comments on Hacker News that match `query`."""
 
     @dataclass(frozen=True)

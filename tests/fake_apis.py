@@ -431,13 +431,403 @@ class FakeGitHub(_API):
         return Response(200, json.dumps(body).encode(), headers)
 
 
+# ###########################################################################
+# Mastodon (tag timeline, search)
+# ###########################################################################
+
+_status_ids = itertools.count(117_100_000_000_000_000)
+
+
+def md_status(text: str = "Acme is neat", tag: str = "acme", acct: str = "someone@example.social",
+              spoiler: str = "", reply_to: str | None = None, created: float | None = None,
+              id: str | None = None) -> dict:  # fmt: skip
+    """A status shaped like the recorded tag timeline's (HTML content, string ids)."""
+    status = copy.deepcopy(_load("mastodon/timeline_tag_page1_link_header.json")["body"][0])
+    sid = id or str(next(_status_ids))
+    created = created or time.time()
+    user = acct.split("@")[0]
+    status.update(
+        id=sid, created_at=_iso(created).replace("Z", ".000Z"), spoiler_text=spoiler,
+        in_reply_to_id=reply_to, uri=f"https://example.social/users/{user}/statuses/{sid}",
+        url=f"https://example.social/@{user}/{sid}",
+        content=f'<p>{text} <a href="https://example.social/tags/{tag}" class="mention hashtag" '
+        f'rel="tag">#<span>{tag}</span></a></p>',
+        tags=[{"name": tag, "url": f"https://example.social/tags/{tag}"}],
+    )  # fmt: skip
+    status["account"] = {**status["account"], "acct": acct, "username": user,
+                         "url": f"https://example.social/@{user}"}  # fmt: skip
+    return status
+
+
+class FakeMastodon(_API):
+    """`GET /api/v1/timelines/tag/:tag` and `GET /api/v2/search?type=statuses` (needs a
+    token): `since_id`, `min_id`, `max_id`, `limit` (at most 40), newest first; a
+    `Link` header with rel=next (max_id) and rel=prev (min_id). Tokens:
+    `add_token(t)`; an unknown one is 401 {"error": "The access token is invalid"}.
+    `public_tags = False` closes tag timelines to requests without a token (401),
+    as servers with `timelines_access` set do. Every answer carries
+    X-RateLimit-Limit/-Remaining and -Reset as an ISO time; over the limit: 429."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[dict] = []
+        self._tokens: set[str] = set()
+        self.public_tags = True
+
+    def add(self, *statuses: dict) -> None:
+        with self._cond:
+            for status in statuses:
+                self.statuses.insert(0, status)
+
+    def add_token(self, token: str) -> None:
+        with self._cond:
+            self._tokens.add(token)
+
+    def error(self, status: int, *more: Any) -> Response:
+        from http import HTTPStatus
+
+        body = {"error": more[0] if more else HTTPStatus(status).phrase}
+        return Response(status, json.dumps(body).encode(), dict(_JSON))
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        auth = request.headers.get("authorization", "")
+        token = auth.split(" ", 1)[1].strip() if " " in auth else ""
+        if auth and token not in self._tokens:
+            return self.error(401, "The access token is invalid")
+        headers = dict(_JSON)
+        counted = self.count(f"token {token}" if token else f"address {request.peer[0]}")
+        if counted:
+            limit, used, reset = counted
+            stamp = dt.datetime.fromtimestamp(reset, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            headers.update({"X-RateLimit-Limit": str(limit),
+                            "X-RateLimit-Remaining": str(max(0, limit - used)),
+                            "X-RateLimit-Reset": stamp})  # fmt: skip
+            if used > limit:
+                response = self.error(429, "Too many requests")
+                response.headers.update(headers)
+                return response
+        key = lambda s: (len(s["id"]), s["id"])  # noqa: E731
+        if m := re.fullmatch(r"/api/v1/timelines/tag/(\w+)", request.path):
+            if not token and not self.public_tags:
+                return self.error(401, "This method requires an authenticated user")
+            with self._cond:
+                found = [s for s in self.statuses
+                         if any(t["name"].lower() == m.group(1).lower() for t in s["tags"])]  # fmt: skip
+            search = False
+        elif request.path == "/api/v2/search":
+            if not token:
+                return self.error(401, "This method requires an authenticated user")
+            words = str(query.get("q", "")).split()
+            with self._cond:
+                found = [s for s in self.statuses if _words_match(words, s["content"])]
+            search = True
+        else:
+            return self.error(404, "Record not found")
+        found.sort(key=key, reverse=True)
+        for name, keep in (("since_id", lambda s, v: key(s) > v), ("min_id", lambda s, v: key(s) > v),
+                           ("max_id", lambda s, v: key(s) < v)):  # fmt: skip
+            if value := query.get(name):
+                found = [s for s in found if keep(s, (len(value), value))]
+        limit = min(40, int(query.get("limit", 20)))
+        # min_id on a timeline: the oldest ones right after it; else the newest.
+        page = found[-limit:] if query.get("min_id") and not search else found[:limit]
+        if page:
+            base = f"http://127.0.0.1:{self.port}{request.path}?"
+            plain = {k: v for k, v in query.items() if k not in ("since_id", "min_id", "max_id")}
+            headers["Link"] = (
+                f'<{base}{urlencode({**plain, "max_id": page[-1]["id"]})}>; rel="next", '
+                f'<{base}{urlencode({**plain, "min_id": page[0]["id"]})}>; rel="prev"'
+            )
+        body: Any = copy.deepcopy(page)
+        if search:
+            body = {"accounts": [], "statuses": body, "hashtags": [], "collections": []}
+        return Response(200, json.dumps(body).encode(), headers)
+
+
+# ###########################################################################
+# Stack Exchange (search/advanced)
+# ###########################################################################
+
+
+def se_question(title: str = "How do I use Acme?", body: str = "<p>It fails &amp; I don&#39;t know why</p>",
+                name: str | None = "Andr&#233; Caron", tags: list[str] | None = None,
+                created: float | None = None, id: int | None = None) -> dict:  # fmt: skip
+    """A question shaped like the recorded ones (HTML-encoded title and name)."""
+    question = copy.deepcopy(
+        _load("stackexchange/questions_tagged_openshift_has_more.json")["body"]["items"][0]
+    )
+    qid, created = id or new_id(), created or time.time()
+    question.update(
+        question_id=qid, title=title, body=body, tags=tags or ["acme"],
+        creation_date=int(created), last_activity_date=int(created),
+        link=f"https://stackoverflow.com/questions/{qid}/q",
+    )  # fmt: skip
+    if name is None:
+        question.pop("owner")
+    else:
+        question["owner"] = {**question["owner"], "display_name": name}
+    return question
+
+
+class FakeStackExchange(_API):
+    """`GET /2.3/search/advanced`: `site`, `q` (words in title or body), `tagged`
+    (";" = all of them), `fromdate`, `sort=creation`, `order`, `pagesize`, `page`;
+    the wrapper has `items`, `has_more`, `quota_max`, `quota_remaining` (counted
+    per key, per address without one; `quota` sets the daily amount) and, when
+    `backoff` is set, `backoff` (a request sooner than that many seconds after it
+    is answered with the recorded "Violation of backoff parameter" error).
+    Errors are HTTP 400 with `error_id`/`error_name`/`error_message`, as the
+    real API answers. Keys: `add_key(k)`; an unknown one is a 400 bad_parameter
+    "key". `gzip_always = True` sends every answer gzipped without a
+    Content-Encoding header (the API documents both). Faults: ("error", id,
+    name, message) an error wrapper; ("backoff", seconds) a backoff on this answer."""
+
+    def __init__(self, quota: int = 300) -> None:
+        super().__init__()
+        self.questions: list[dict] = []
+        self._keys: set[str] = set()
+        self.quota = quota
+        self._used: dict[str, int] = {}
+        self.backoff: int | None = None
+        self._backoff_until: dict[str, float] = {}
+        self.gzip_always = False
+
+    def add(self, *questions: dict) -> None:
+        with self._cond:
+            self.questions.extend(questions)
+
+    def add_key(self, key: str) -> None:
+        with self._cond:
+            self._keys.add(key)
+
+    def _wrap(self, status: int, body: dict) -> Response:
+        data = json.dumps(body).encode()
+        if self.gzip_always:
+            import gzip
+
+            data = gzip.compress(data)
+        return Response(status, data, dict(_JSON))
+
+    def error(self, status: int, *more: Any) -> Response:
+        names = {400: "bad_parameter", 404: "no_method", 500: "internal_error",
+                 502: "throttle_violation", 503: "temporarily_unavailable"}  # fmt: skip
+        return self._wrap(400 if status < 500 or status == 502 else status,
+                          {"error_id": status, "error_name": names.get(status, "error"),
+                           "error_message": more[0] if more else names.get(status, "error")})  # fmt: skip
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        name = fault[0] if fault else None
+        if name == "error":
+            return self._wrap(400, {"error_id": fault[1], "error_name": fault[2],
+                                    "error_message": fault[3]})  # fmt: skip
+        if request.path != "/2.3/search/advanced":
+            return self.error(404, "no method found with this name")
+        key = str(query.get("key", ""))
+        if key and key not in self._keys:
+            return self.error(400, "key")
+        who = f"key {key}" if key else f"address {request.peer[0]}"
+        now = time.monotonic()
+        with self._cond:
+            if now < self._backoff_until.get(who, 0.0):
+                return self._wrap(
+                    400, corpus("stackexchange/error_502_throttle_violation_backoff.json")["body"]
+                )
+            used = self._used.get(who, 0) + 1
+            self._used[who] = used
+            quota_max = 10000 if key else self.quota
+            if used > quota_max:
+                return self._wrap(400, {"error_id": 502, "error_name": "throttle_violation",
+                                        "error_message": "too many requests from this IP"})  # fmt: skip
+        words = str(query.get("q", "")).split()
+        tags = [t for t in str(query.get("tagged", "")).split(";") if t]
+        since = int(query.get("fromdate", 0))
+        with self._cond:
+            found = [q for q in self.questions if q["creation_date"] >= since
+                     and all(t in q["tags"] for t in tags) and _words_match(words, q["title"], q.get("body"))]  # fmt: skip
+        found.sort(key=lambda q: q["creation_date"], reverse=query.get("order", "desc") == "desc")
+        size, page = min(100, int(query.get("pagesize", 30))), int(query.get("page", 1))
+        chosen = copy.deepcopy(found[(page - 1) * size : page * size])
+        if query.get("filter") != "withbody":
+            for q in chosen:
+                q.pop("body", None)
+        body = {"items": chosen, "has_more": page * size < len(found), "quota_max": quota_max,
+                "quota_remaining": max(0, quota_max - used)}  # fmt: skip
+        backoff = fault[1] if name == "backoff" else self.backoff
+        if backoff:
+            body["backoff"] = backoff
+            with self._cond:
+                self._backoff_until[who] = time.monotonic() + backoff
+        return self._wrap(200, body)
+
+    def quota_used(self, who: str) -> int:
+        with self._cond:
+            return self._used.get(who, 0)
+
+
+# ###########################################################################
+# Bluesky (a PDS: createSession, refreshSession, searchPosts)
+# ###########################################################################
+
+_rkeys = itertools.count(10**12)
+
+
+def bs_post(text: str = "acme is neat", handle: str = "someone.bsky.social",
+            reply: bool = False, indexed: float | None = None, naive: bool = False) -> dict:  # fmt: skip
+    """A postView shaped like the recorded searchPosts ones."""
+    post = copy.deepcopy(_load("bluesky/searchPosts_q_redistricting.json")["body"]["posts"][0])
+    indexed = indexed or time.time()
+    did = f"did:plc:{handle.split('.')[0]}"
+    rkey = f"3l{next(_rkeys):x}"
+    created = dt.datetime.fromtimestamp(indexed - 0.2, dt.UTC)
+    post.update(uri=f"at://{did}/app.bsky.feed.post/{rkey}", cid=f"bafy{rkey}",
+                indexedAt=_iso(indexed).replace("Z", f".{int(indexed * 1000) % 1000:03d}Z"))  # fmt: skip
+    post["author"] = {**post["author"], "did": did, "handle": handle, "labels": []}
+    post["record"] = {"$type": "app.bsky.feed.post", "text": text, "langs": ["en"],
+                      "createdAt": created.strftime("%Y-%m-%dT%H:%M:%S.%f") + ("" if naive else "Z")}  # fmt: skip
+    if reply:
+        parent = {"uri": f"at://{did}/app.bsky.feed.post/parent", "cid": "bafyparent"}
+        post["record"]["reply"] = {"root": parent, "parent": parent}
+    return post
+
+
+def _jwt(claims: dict) -> str:
+    import base64
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'typ': 'at+jwt', 'alg': 'ES256K'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class FakeBluesky(_API):
+    """A PDS: `POST /xrpc/com.atproto.server.createSession` ({identifier, password} →
+    {accessJwt, refreshJwt, handle, did}; a wrong pair is 401 AuthenticationRequired),
+    `POST /xrpc/com.atproto.server.refreshSession` (Bearer refreshJwt → a new
+    pair; an unknown one is 400 ExpiredToken), and `GET
+    /xrpc/app.bsky.feed.searchPosts` (Bearer accessJwt; `q` words in the text,
+    `sort=latest`, `since` ISO, `limit`, `cursor` an offset string): an expired
+    access token is 400 {"error": "ExpiredToken"}, a request without one 403, as
+    Bluesky's AppView now answers. JWTs carry a real `exp` (`access_ttl`).
+    Answers carry RateLimit-Limit/-Remaining/-Reset (epoch)/-Policy; over the
+    limit: 429 RateLimitExceeded. `expire_tokens()` ends every access token."""
+
+    def __init__(self, access_ttl: float = 7200) -> None:
+        super().__init__()
+        self.posts: list[dict] = []
+        self.access_ttl = access_ttl
+        self._accounts: dict[str, str] = {}
+        self._access: dict[str, float] = {}  # token → expires (time.time())
+        self._refresh: set[str] = set()
+        self.sessions_created = 0
+        self.sessions_refreshed = 0
+
+    def add(self, *posts: dict) -> None:
+        with self._cond:
+            for post in posts:
+                self.posts.insert(0, post)
+
+    def add_account(self, handle: str, password: str) -> None:
+        with self._cond:
+            self._accounts[handle] = password
+
+    def expire_tokens(self) -> None:
+        with self._cond:
+            self._access = dict.fromkeys(self._access, 0.0)
+
+    def error(self, status: int, *more: Any) -> Response:
+        code = more[0] if more else {400: "InvalidRequest", 401: "AuthenticationRequired",
+                                     429: "RateLimitExceeded"}.get(status, "InternalServerError")  # fmt: skip
+        message = more[1] if len(more) > 1 else code
+        return Response(
+            status, json.dumps({"error": code, "message": message}).encode(), dict(_JSON)
+        )
+
+    def _session(self, handle: str) -> dict:
+        now = time.time()
+        access = _jwt({"scope": "com.atproto.appPass", "sub": f"did:plc:{handle}", "iat": int(now),
+                       "exp": int(now + self.access_ttl), "jti": os.urandom(6).hex()})  # fmt: skip
+        refresh = _jwt({"scope": "com.atproto.refresh", "sub": f"did:plc:{handle}",
+                        "exp": int(now + 90 * 86400), "jti": os.urandom(6).hex()})  # fmt: skip
+        with self._cond:
+            self._access[access] = now + self.access_ttl
+            self._refresh.add(refresh)
+        return {"accessJwt": access, "refreshJwt": refresh, "handle": handle,
+                "did": f"did:plc:{handle}", "active": True}  # fmt: skip
+
+    def _answer(self, request: Request, query: dict, fault: tuple | None) -> Response:
+        headers = dict(_JSON)
+        counted = self.count(f"address {request.peer[0]}")
+        if counted:
+            limit, used, reset = counted
+            headers.update({"RateLimit-Limit": str(limit), "RateLimit-Remaining": str(max(0, limit - used)),
+                            "RateLimit-Reset": str(math.ceil(reset)), "RateLimit-Policy": f"{limit};w=300"})  # fmt: skip
+            if used > limit:
+                response = self.error(429, "RateLimitExceeded", "Rate Limit Exceeded")
+                response.headers.update(headers)
+                return response
+        auth = request.headers.get("authorization", "")
+        token = auth.split(" ", 1)[1].strip() if " " in auth else ""
+        if request.path == "/xrpc/com.atproto.server.createSession" and request.method == "POST":
+            try:
+                body = request.json()
+            except ValueError:
+                return self.error(400, "InvalidRequest", "Request body must be JSON")
+            handle, password = body.get("identifier"), body.get("password")
+            with self._cond:
+                known = self._accounts.get(handle) == password and password is not None
+                self.sessions_created += known
+            if not known:
+                return self.error(401, "AuthenticationRequired", "Invalid identifier or password")
+            return Response(200, json.dumps(self._session(handle)).encode(), headers)
+        if request.path == "/xrpc/com.atproto.server.refreshSession" and request.method == "POST":
+            with self._cond:
+                known = token in self._refresh
+                self._refresh.discard(token)  # a refresh token is used once
+                self.sessions_refreshed += known
+            if not known:
+                return self.error(400, "ExpiredToken", "Token has expired")
+            handle = next(iter(self._accounts), "someone")
+            return Response(200, json.dumps(self._session(handle)).encode(), headers)
+        if request.path != "/xrpc/app.bsky.feed.searchPosts":
+            return self.error(501, "MethodNotImplemented", "Method Not Implemented")
+        if not token:
+            return Response(
+                403, b"Request forbidden by administrative rules", {"Content-Type": "text/plain"}
+            )
+        with self._cond:
+            expires = self._access.get(token)
+        if expires is None:
+            return self.error(401, "AuthenticationRequired", "Invalid token")
+        if time.time() >= expires:
+            return self.error(400, "ExpiredToken", "Token has expired")
+        words = str(query.get("q", "")).split()
+        since = _parse_iso(query["since"]) if query.get("since") else 0.0
+        with self._cond:
+            found = [p for p in self.posts if _words_match(words, p["record"]["text"])
+                     and _parse_iso(p["indexedAt"]) >= since]  # fmt: skip
+        found.sort(key=lambda p: p["indexedAt"], reverse=True)
+        limit = min(100, int(query.get("limit", 25)))
+        start = int(query.get("cursor", 0))
+        page = copy.deepcopy(found[start : start + limit])
+        body: dict = {"posts": page}
+        if start + limit < len(found):
+            body["cursor"] = str(start + limit)
+        return Response(200, json.dumps(body).encode(), headers)
+
+
 __all__ = [
     "CORPUS",
+    "FakeBluesky",
     "FakeGitHub",
     "FakeHN",
+    "FakeMastodon",
+    "FakeStackExchange",
+    "bs_post",
     "corpus",
     "gh_issue",
     "hn_comment",
     "hn_story",
+    "md_status",
     "new_id",
+    "se_question",
 ]

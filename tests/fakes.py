@@ -45,6 +45,7 @@ __all__ = [
     "RSS_TYPE",
     "FakeAnthropic",
     "FakeFeeds",
+    "FakeReceiver",
     "FakeSlack",
     "FakeSlackAPI",
     "atom",
@@ -844,6 +845,115 @@ class FakeSlackAPI(_FakeServer):
             messages.append(m)
         return 200, {"ok": True, "messages": messages, "has_more": more,
                      "response_metadata": {"next_cursor": str(start + limit) if more else ""}}, {}  # fmt: skip
+
+
+# ###########################################################################
+# Discord webhooks, and a receiver of signed webhooks
+# ###########################################################################
+
+
+def discord_pings(payload: dict) -> list[str]:
+    """Who a Discord webhook message would ping: mentions in `content` (embeds never
+    ping) that `allowed_mentions` does not switch off, as Discord resolves them."""
+    content = payload.get("content") or ""
+    found = re.findall(r"@(everyone|here)|<@!?&?(\d+)>", content)
+    allowed = payload.get("allowed_mentions")
+    if allowed is None:
+        return [a or b for a, b in found]
+    parse = allowed.get("parse") or []
+    pings = []
+    for everyone, user in found:
+        if everyone and "everyone" in parse:
+            pings.append(everyone)
+        elif user and ("users" in parse or user in (allowed.get("users") or [])):
+            pings.append(user)
+    return pings
+
+
+def discord_payload_problem(payload: Any) -> str | None:
+    """Discord's 400 "Invalid Form Body" for what breaks its documented limits."""
+    if not isinstance(payload, dict):
+        return "not JSON"
+    embeds = payload.get("embeds") or []
+    if not payload.get("content") and not embeds:
+        return "Cannot send an empty message"
+    if len(payload.get("content") or "") > 2000 or len(embeds) > 10:
+        return "content or embeds too long"
+    for embed in embeds:
+        total = len(embed.get("title", "")) + len(embed.get("description", ""))
+        total += len((embed.get("footer") or {}).get("text", ""))
+        if len(embed.get("title", "")) > 256 or len(embed.get("description", "")) > 4096:
+            return "embed title or description too long"
+        fields = embed.get("fields") or []
+        if len(fields) > 25:
+            return "too many fields"
+        for f in fields:
+            if (
+                not f.get("name")
+                or not f.get("value")
+                or len(f["name"]) > 256
+                or len(f["value"]) > 1024
+            ):
+                return "embed field empty or too long"
+            total += len(f["name"]) + len(f["value"])
+        if total > 6000:
+            return "embed longer than 6000 characters"
+    return None
+
+
+class FakeReceiver(_FakeServer):
+    """A JSON POST receiver: Discord webhooks (answers 204 to a valid message, 400
+    with Discord's error body otherwise) or, with `discord=False`, any webhook
+    (answers 200). `script([(status, body, headers), ...])` answers in order first.
+
+        hook = FakeReceiver(discord=True)
+        hook.script([(429, '{"message": "You are being rate limited.", "retry_after": 0.4, "global": false}')])
+        hook.received()      # [{"payload", "headers", "body", "status"}], accepted ones
+    """
+
+    def __init__(self, discord: bool = False) -> None:
+        super().__init__()
+        self.discord = discord
+        self._requests: list[dict] = []
+        self._script: deque = deque()
+        self.default: tuple[int, str, dict] | None = None
+
+    def script(self, responses: Iterable[tuple]) -> None:
+        with self._cond:
+            for status, body, *rest in responses:
+                self._script.append((int(status), str(body), dict(rest[0]) if rest else {}))
+
+    @property
+    def requests(self) -> list[dict]:
+        with self._cond:
+            return [dict(r) for r in self._requests]
+
+    def received(self) -> list[dict]:
+        return [r for r in self.requests if 200 <= r["status"] < 300]
+
+    def wait_for(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
+        return self._wait(lambda: len(self.received()) >= n and self.received(), timeout,
+                          lambda: f"requests so far: {[r['status'] for r in self.requests]}")  # fmt: skip
+
+    def _handle(self, request: Request) -> Response:
+        try:
+            payload = json.loads(request.body)
+        except ValueError:
+            payload = None
+        with self._cond:
+            scripted = self._script.popleft() if self._script else self.default
+        if scripted is not None:
+            status, body, headers = scripted
+        elif self.discord and (problem := discord_payload_problem(payload)):
+            status, body, headers = 400, json.dumps({"code": 50035, "message": problem}), {}
+        elif self.discord:
+            status, body, headers = 204, "", {}
+        else:
+            status, body, headers = 200, "ok", {}
+        self._record(self._requests, {"path": request.path, "payload": payload,
+                                      "body": request.body, "headers": request.headers,
+                                      "status": status, "time": request.time})  # fmt: skip
+        return Response(status, body.encode(), {"Content-Type": "application/json", **headers})
 
 
 # ###########################################################################

@@ -14,6 +14,9 @@ import agentwatch
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
+agentwatch.load_shipped_sources()  # the types in sources/ document their keys here too
+
+
 def keys_of(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name != "options"]
 

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -250,6 +252,18 @@ def test_redis_stopped_and_restarted(start_cli, tmp_path, slack):
         log = tmp_path / "agentwatch.log"
         wait_until(lambda: "cannot reach Redis" in log.read_text(), what="the failing source")
         assert proc.returncode is None  # a failing source, not a crash
+        port = int(re.search(r'health = "127.0.0.1:(\d+)"', config.read_text()).group(1))
+
+        def failing() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as a:
+                    body = a.read()
+            except urllib.error.HTTPError as e:  # a 503 still carries the report
+                body = e.read()
+            source = json.loads(body)["sources"]["events"]
+            return source if source["consecutive_failures"] >= 1 else None
+
+        assert "cannot reach Redis" in wait_until(failing, what="/health to show it")["last_error"]
         server.start()
         client.xadd(STREAM, {"id": "after", "title": "entry-2-title"})
         wait_until(lambda: len(titles_posted(slack)) >= 2, timeout=30, what="the entry after")
@@ -290,3 +304,15 @@ def test_preview_peeks_and_consumes_nothing(run_cli, tmp_path, r, redis_server):
     assert result.returncode == 0, result.stderr
     assert "entry-1-title" in result.stdout
     assert r.xinfo_groups(STREAM) == []  # no group created, nothing pending
+
+
+def test_entries_a_crashed_consumer_left_are_claimed(start_cli, tmp_path, slack, r, redis_server):
+    r.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
+    r.xadd(STREAM, {"id": "orphan", "title": "entry-7-title"})
+    r.xreadgroup(GROUP, "crashed", {STREAM: ">"})  # read, never acked: its reader died
+    extra = 'consumer = "healthy"\nclaim_after = "2s"'
+    start_cli("run", config=config_for(tmp_path, redis_server.url, extra=extra))
+    wait_until(lambda: titles_posted(slack) == ["entry-7-title"], what="the claimed entry")
+    wait_until(lambda: pending(r) == 0, what="an empty pending list")
+    (item,) = stored(tmp_path / "agentwatch.db")
+    assert item["item_id"] == "orphan" and item["status"] == "done"

@@ -191,7 +191,9 @@ def test_kill_9_while_a_post_is_in_flight_delivers_exactly_once(
         assert proc.wait() == 0
         posted = item_ids_posted(slack_api)
         assert sorted(posted) == sorted(e["guid"] for e in entries), posted
-    assert len(slack_api.calls_of("conversations.history")) == 3
+    lookups = [c for c in slack_api.calls_of("conversations.history")
+               if c["args"].get("include_all_metadata") == "true"]  # fmt: skip
+    assert len(lookups) == 3
     stored = rows(db, "SELECT ts FROM deliveries ORDER BY ts")
     assert [d["ts"] for d in stored] == [m["ts"] for m in slack_api.messages()]
 
@@ -489,3 +491,80 @@ def test_a_reply_cut_off_in_flight_is_found_in_its_thread_not_posted_twice(slack
     (lookup,) = slack_api.calls_of("conversations.replies")
     assert lookup["args"]["ts"] == first
     assert len(slack_api.calls_of("chat.postMessage")) == 2
+
+
+# -- Slack app mode: reactions ---------------------------------------------------
+
+
+def test_reactions_on_its_messages_become_feedback_and_handled(
+    slack_api, feeds, make_config, run_cli, start_cli, tmp_path
+):
+    feeds.set("/a.xml", rss([entry(i, f"Acme story {i}") for i in range(4)]))
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    by_title = {m["text"].split("] ")[1].split(" https")[0]: m["ts"] for m in slack_api.messages()}
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "-1")
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "-1", user="U2")
+    slack_api.react("C0TEST123", by_title["Acme story 0"], "+1::skin-tone-3")
+    slack_api.react("C0TEST123", by_title["Acme story 1"], "+1")
+    slack_api.react("C0TEST123", by_title["Acme story 2"], "white_check_mark")
+    slack_api.react("C0TEST123", by_title["Acme story 3"], "tada")
+    proc = start_cli("run", config=config)
+    db = tmp_path / "aw.db"
+    feedback = """SELECT items.title, feedback.verdict, feedback.origin FROM feedback
+                  JOIN items ON items.id = feedback.item_row ORDER BY items.title"""
+    found = wait_until(lambda: len(rows(db, feedback)) == 2 and rows(db, feedback), what="feedback")
+    assert [(r["title"], r["verdict"], r["origin"]) for r in found] == [
+        ("Acme story 0", "irrelevant", "slack"),
+        ("Acme story 1", "relevant", "slack"),
+    ]
+    handled = wait_until(
+        lambda: rows(db, "SELECT title FROM items WHERE handled_at IS NOT NULL"), what="handled"
+    )
+    assert [r["title"] for r in handled] == ["Acme story 2"]
+    proc.wait_for_output(r"Slack reactions: 3 item\(s\) marked")
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    (read,) = slack_api.calls_of("conversations.history")
+    assert float(read["args"]["oldest"]) < time.time() - 6 * 86400
+
+
+def test_reactions_in_a_story_thread_are_read_and_a_second_pass_changes_nothing(
+    slack_api, tmp_path
+):
+    import httpx2
+
+    store = agentwatch.Store(tmp_path / "r.db")
+    settings = agentwatch.SlackSettings(bot_token=slack_api.token, channel="C0TEST123",
+                                        api_url=slack_api.url + "/api")  # fmt: skip
+    link = {"url": "https://example.com/a"}
+
+    async def go():
+        async with httpx2.AsyncClient() as http:
+            app = agentwatch.SlackApp(settings, store, http, Counter())
+            await app.deliver(store_item(store, "a", "1", **link), "C0TEST123")
+            reply = await app.deliver(store_item(store, "b", "2", **link), "C0TEST123")
+            slack_api.react("C0TEST123", reply, "-1")
+            return await app.read_reactions(), await app.read_reactions()
+
+    try:
+        first, second = asyncio.run(go())
+        verdicts = store.db.execute("SELECT item_row, verdict FROM feedback").fetchall()
+    finally:
+        store.close()
+    assert (first, second) == (1, 0)
+    assert [tuple(v) for v in verdicts] == [(2, "irrelevant")]
+    assert slack_api.calls_of("conversations.replies")
+
+
+def test_a_missing_scope_while_reading_reactions_is_logged_once_and_posting_goes_on(
+    slack_api, feeds, make_config, run_cli, start_cli
+):
+    feeds.set("/a.xml", rss([entry(1, "Acme story")]))
+    config = make_config(app_config(slack_api, rss_source("forum", f"{feeds.url}/a.xml")))
+    assert run_cli("run", "--once", config=config).returncode == 0
+    slack_api.scopes.discard("channels:history")
+    proc = start_cli("run", config=config)
+    proc.wait_for_output("cannot read Slack reactions: .*missing_scope.*channels:history")
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import signal
 import socket
 import time
@@ -23,9 +24,13 @@ from helpers import rows, wait_until
 
 import agentwatch
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "github_webhooks"
-if not CORPUS.is_dir():  # a worktree beside the shared folder, or a clone inside it
-    CORPUS = Path("/work/shared/corpus/github_webhooks")
+CORPUS = (
+    Path(
+        os.environ.get("AGENTWATCH_CORPUS")
+        or Path(__file__).resolve().parents[2] / "shared" / "corpus"
+    )
+    / "github_webhooks"
+)
 
 SECRET = "s3cret-for-tests"
 
