@@ -5853,7 +5853,11 @@ def check(config: ConfigOption = None) -> None:
     for name, key in cfg.unset_env.items():
         typer.echo(f"note: ${{{name}}} (in {key}) is not set here; `run` will need it", err=True)
     if cfg.llm.provider == "anthropic" and not os.environ.get("ANTHROPIC_API_KEY"):
-        typer.echo("note: ANTHROPIC_API_KEY is not set; `run` will work without the LLM", err=True)
+        typer.echo(
+            "note: ANTHROPIC_API_KEY is not set; `run` works without the LLM on a fresh "
+            'database, and refuses to start once it has triaged (unless provider = "none")',
+            err=True,
+        )
 
 
 @app.command()

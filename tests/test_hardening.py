@@ -6,7 +6,9 @@ database file. Every hostile input is built here, never downloaded."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -14,15 +16,17 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
-from fakes import rss
-from helpers import rows
+from fakes import FakeSlack, rss
+from helpers import rows, wait_until
 from test_ops import (
     free_port,
+    get,
     live,
     log_text,
     pidfile_pid,
@@ -494,3 +498,167 @@ def test_the_database_its_wal_and_the_log_are_created_0600(tmp_path, start_cli, 
     time.sleep(0.5)
     proc.kill(signal.SIGTERM)
     assert proc.wait() == 0
+
+
+# -- a full disk and a locked database while items flow (item 1) ------------
+# The harm to prevent: a write that fails after a side effect (a Slack post, a
+# paid LLM call) must neither lose the item nor repeat the side effect, and the
+# process stays up, saying in its log and /health that the database is failing.
+
+
+class TrippingSlack(FakeSlack):
+    """A Slack webhook that calls `trip()` once, as the first post arrives and
+    before it answers 200: the post has happened; its record cannot be written."""
+
+    def __init__(self, trip) -> None:
+        super().__init__()
+        self.trip, self.tripped = trip, threading.Event()
+
+    def _handle(self, request):
+        if not self.tripped.is_set():
+            self.tripped.set()
+            self.trip()
+        return super()._handle(request)
+
+
+FLOW = """
+[agentwatch]
+db = "{db}"
+health = "127.0.0.1:{port}"
+log_file = "aw.log"
+retry_base = "1s"
+retry_max = "2s"
+[llm]
+about = "Acme, an analytics tool"
+[slack]
+webhook_url = "{slack}/hooks/T"
+[[sources]]
+name = "forum"
+type = "rss"
+url = "{feed}"
+every = "1s"
+"""
+
+NEW_POSTS = [
+    {"title": f"Acme crashes on export, case {n}", "link": f"https://forum.example/t/{n}",
+     "guid": f"urn:t:{n}"}
+    for n in range(1, 4)
+]  # fmt: skip
+
+
+def health_database(port: int) -> dict:
+    status, _, body = get(port, timeout=10)
+    assert status == 200, body
+    return json.loads(body)["database"]
+
+
+def flow_through_a_failing_database(tmp_path, db, feeds, anthropic_fake, start_cli, trip, mend):
+    """Baseline, then three new posts; the database fails as the first post is
+    sent (`trip`) and is mended (`mend`) once /health says it is failing."""
+    feeds.set("/f.xml", rss([{"title": "old", "link": "https://forum.example/old"}]))
+    port = free_port()
+    with TrippingSlack(trip) as slack:
+        config = tmp_path / "agentwatch.toml"
+        config.write_text(FLOW.format(db=db, port=port, slack=slack.url,
+                                      feed=f"{feeds.url}/f.xml"))  # fmt: skip
+        proc = start_cli("run", config=config)
+        wait_health(port, proc=proc)
+        feeds.wait_for(2, path="/f.xml")  # the baseline poll and one more
+        feeds.set(
+            "/f.xml", rss([*NEW_POSTS, {"title": "old", "link": "https://forum.example/old"}])
+        )
+        wait_until(lambda: slack.tripped.is_set(), timeout=30, what="the first post")
+        failing = wait_until(lambda: health_database(port)["status"] == "failing" and
+                             health_database(port), timeout=30, what="/health: database failing")  # fmt: skip
+        assert failing["failing_since"] and failing["error"]
+        # The window this is about: a post went out and its record was refused.
+        wait_until(lambda: "stage=notify sent, but not stored yet (database failing)"
+                   in log_text(tmp_path, "aw.log"), timeout=40, what="a refused record of a post")  # fmt: skip
+        time.sleep(3)  # ticks and write retries while it fails: nothing may be sent again
+        posted_while_failing = slack.texts()
+        assert proc.returncode is None, "the process died"
+        mend()
+        wait_until(lambda: len(slack.texts()) >= 3, timeout=60, what="three posts")
+        wait_until(lambda: health_database(port)["status"] == "ok", timeout=30, what="recovery")
+        wait_until(lambda: len([r for r in rows(db, "SELECT * FROM items WHERE item_id LIKE "
+                                                    "'urn:t:%' AND status = 'done'")]) == 3,
+                   timeout=30, what="three items done")  # fmt: skip
+        time.sleep(2)  # two more polls and ticks: still nothing twice
+        texts = slack.texts()
+        proc.kill(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    for post in NEW_POSTS:  # every item posted, exactly once
+        assert sum(post["link"] in t for t in texts) == 1, (post["link"], texts)
+    assert len(texts) == 3, texts
+    assert all(sum(p["link"] in t for t in posted_while_failing) <= 1 for p in NEW_POSTS)
+    # The LLM was paid once per item and stage, and every call is counted.
+    assert anthropic_fake.calls("classify") == 3
+    drafts = rows(db, "SELECT * FROM items WHERE item_id LIKE 'urn:t:%' AND draft IS NOT NULL")
+    assert anthropic_fake.calls("text") == len(drafts)
+    usage = rows(db, "SELECT stage, COUNT(*) AS n FROM llm_usage GROUP BY stage")
+    assert {r["stage"]: r["n"] for r in usage} == {"classify": 3, "draft": len(drafts)}
+    log = (tmp_path / "aw.log").read_text()
+    assert "database error while" in log and "stored after the database recovered" in log
+    assert "Slack answered" not in log, "the fake failed a post: a test bug"
+    return log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs of its own, so the database's disk can really fill (ENOSPC)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_items_flow_loses_nothing_and_posts_nothing_twice(
+    tmp_path, small_disk, feeds, anthropic_fake, start_cli
+):
+    filler = small_disk / "filler"
+
+    def fill():
+        with filler.open("wb", buffering=0) as f:  # unbuffered: ENOSPC comes at write()
+            for chunk in (1 << 16, 1 << 12, 512):
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * chunk)
+
+    log = flow_through_a_failing_database(
+        tmp_path, small_disk / "aw.db", feeds, anthropic_fake, start_cli, fill, filler.unlink
+    )
+    assert "full" in log
+
+
+def test_a_locked_database_while_items_flow_loses_nothing_and_posts_nothing_twice(
+    tmp_path, feeds, anthropic_fake, start_cli
+):
+    db = tmp_path / "aw.db"
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another process's long write: BEGIN EXCLUSIVE, held until mended
+        con = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        con.execute("BEGIN EXCLUSIVE")
+        held.set()
+        release.wait(60)
+        con.execute("COMMIT")
+        con.close()
+
+    holder = threading.Thread(target=hold, daemon=True)
+
+    def lock():
+        holder.start()
+        held.wait(10)
+
+    def unlock():
+        release.set()
+        holder.join(10)
+
+    log = flow_through_a_failing_database(
+        tmp_path, db, feeds, anthropic_fake, start_cli, lock, unlock
+    )
+    assert "locked" in log
