@@ -1051,6 +1051,14 @@ def default_drafter(request_json: dict) -> str:
     return "Thanks for the report — we're on it. (draft)"
 
 
+def default_briefer(request_json: dict) -> list[str]:
+    """The digest's three points; the first says how many items the facts count."""
+    facts = re.search(r"<facts>\n(.*?)\n</facts>", last_user_text(request_json), re.S)
+    total = json.loads(facts.group(1))["items"]["total"] if facts else "?"
+    return [f"{total} new items: read the urgent ones first.", "Reply to the questions.",
+            "Nothing else needs you today."]  # fmt: skip
+
+
 def default_grounding(request_json: dict) -> tuple[str, str]:
     """(file, heading) a structured draft says it relied on; ("", "") = not covered."""
     return "", ""
@@ -1118,6 +1126,8 @@ class FakeAnthropic(_FakeServer):
       block with the classifier's result as JSON; stop_reason "end_turn". Kind "classify".
       A schema with a "reply" property is a draft: {"reply": fake.drafter(...),
       "file": ..., "heading": ...} from `fake.grounding(request_json)`. Kind "text".
+      A schema with a "point_1" property is the digest's briefing: its three points
+      from `fake.briefer(request_json)`. Kind "brief".
     - anything else: a text block `fake.drafter(request_json)`. Kind "text".
     - forced tool use on a model in FORCED_TOOL_REFUSED: 400, as the real API answers.
 
@@ -1148,6 +1158,7 @@ class FakeAnthropic(_FakeServer):
         self.classifier: Callable[[dict], dict] = default_classifier
         self.drafter: Callable[[dict], str] = default_drafter
         self.grounding: Callable[[dict], tuple[str, str]] = default_grounding
+        self.briefer: Callable[[dict], list[str]] = default_briefer
         self.cache_min_tokens = 512  # claude-haiku-5-5 and claude-sonnet-5-5's minimum
         self._cache: set[str] = set()
         self._requests: list[dict] = []
@@ -1179,6 +1190,7 @@ class FakeAnthropic(_FakeServer):
             self._cache.clear()
         self.classifier, self.drafter = default_classifier, default_drafter
         self.grounding = default_grounding
+        self.briefer = default_briefer
 
     # -- reading -----------------------------------------------------------
 
@@ -1188,7 +1200,7 @@ class FakeAnthropic(_FakeServer):
             return [dict(r) for r in self._requests]
 
     def calls(self, kind: str | None = None) -> int:
-        """How many requests (of `kind`: "classify" or "text") arrived, failed ones included."""
+        """How many requests (of `kind`: "classify", "text" or "brief") arrived, failed ones included."""
         with self._cond:
             return sum(1 for r in self._requests if kind in (None, r["kind"]))
 
@@ -1242,8 +1254,11 @@ class FakeAnthropic(_FakeServer):
         if problem := _request_problem(body):
             return _anthropic_error(400, "invalid_request_error", problem)
 
-        drafting = "reply" in (_json_schema(body).get("properties") or {})
+        properties = _json_schema(body).get("properties") or {}
+        drafting = "reply" in properties
         kind = "classify" if (_forced_tool(body) or _wants_json(body)) and not drafting else "text"
+        if "point_1" in properties:
+            kind = "brief"
         with self._cond:
             queue = self._scripts.get(kind) or self._scripts.get(None)
             if queue:
@@ -1279,7 +1294,9 @@ class FakeAnthropic(_FakeServer):
 
         tool = _forced_tool(body)
         result = None
-        if _wants_json(body) and kind == "text":  # a structured draft
+        if kind == "brief":
+            result = dict(zip(("point_1", "point_2", "point_3"), self.briefer(body), strict=True))
+        elif _wants_json(body) and kind == "text":  # a structured draft
             file, heading = self.grounding(body)
             result = {"reply": self.drafter(body), "file": file, "heading": heading}
         elif kind == "classify":

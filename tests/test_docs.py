@@ -25,6 +25,7 @@ CONFIG_KEYS = [
     *(("agentwatch", k) for k in keys_of(agentwatch.Settings)),
     *(("llm", k) for k in keys_of(agentwatch.LLMSettings)),
     *(("slack", k) for k in keys_of(agentwatch.SlackSettings)),
+    *(("digest", k) for k in keys_of(agentwatch.DigestSettings)),
     *(("sources", k) for k in keys_of(agentwatch.SourceConfig)),
     *((t, k) for t, cls in sorted(agentwatch.SOURCES.items()) for k in keys_of(cls.Options)),
 ]
