@@ -6327,6 +6327,54 @@ def replay(
     typer.echo(replay_report(*asyncio.run(main()), config=cfg))
 
 
+@app.command()
+def backup(
+    path: typing.Annotated[Path, typer.Argument(help="Where to write the copy")],
+    config: ConfigOption = None,
+    force: typing.Annotated[
+        bool, typer.Option("--force", help="Replace a file that is already at PATH")
+    ] = False,
+) -> None:
+    """A consistent copy of the database, safe while `run` is running (SQLite's
+    online backup). Refuses to replace an existing file without --force.
+
+    Example: agentwatch backup /var/backups/agentwatch-$(date +%F).db
+    """
+    cfg = open_config(config, read_only=True)  # it reads the database, nothing else
+    target = path.expanduser().absolute()
+    if not cfg.db_path.exists():
+        raise fail(AgentwatchError(f"there is no database at {cfg.db_path} to back up"))
+    if target.is_dir():
+        raise fail(AgentwatchError(f"{target} is a folder: give the copy's file name"))
+    if target.exists():
+        if target.samefile(cfg.db_path):
+            raise fail(AgentwatchError(f"{target} is the database itself"))
+        if not force:
+            raise fail(AgentwatchError(f"{target} exists; use --force to replace it"))
+    store = open_store(cfg)
+    # Written beside the target, then renamed over it: an interrupted backup never
+    # leaves a half copy under PATH, and --force keeps the old copy until the new
+    # one is whole. 0600, as `run` creates the database: it holds the same texts.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    umask = os.umask(0o077)
+    try:
+        store.backup(partial)
+        copy = sqlite3.connect(f"file:{partial}?mode=ro", uri=True)
+        try:
+            count = copy.execute("SELECT count(*) FROM items").fetchone()[0]
+        finally:
+            copy.close()
+        os.replace(partial, target)
+    except (sqlite3.Error, OSError) as e:
+        partial.unlink(missing_ok=True)
+        raise fail(AgentwatchError(f"backup to {target} failed: {e}")) from None
+    finally:
+        os.umask(umask)
+        store.close()
+    size = target.stat().st_size
+    typer.echo(f"backed up {cfg.db_path} to {target}: {size / 1e6:.1f} MB, {count} item(s)")
+
+
 def main() -> None:
     app()
 
