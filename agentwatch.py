@@ -1417,6 +1417,8 @@ def dead_letter_json(row: sqlite3.Row) -> dict:
 #                                         body capped, validators kept per URL (conditional=True)
 #   self.raise_for_status(fetched, what)  the one meaning of an HTTP status for a poll
 #   self.rate_budget(key)                 a process-wide request budget (X-RateLimit-*, Retry-After)
+#   await budget.fetch(url, what=...)     self.fetch within that budget: waits for a slot, settles
+#                                         it from the answer, "cannot reach <what>" when it cannot
 #   self.token_cache(key)                 a process-wide access token, refreshed once on a 401
 #   Secret                                the type of an option that is a credential
 #   first_poll = "baseline" | "report"    whether the engine baselines the first poll silently
@@ -1723,12 +1725,17 @@ class TokenCache:
         self.value, self.expires_at = "", 0.0
 
 
+_NETWORK_KINDS = ("unreachable", "timeout", "network")
+
+
 class _BoundBudget:
     """A RateBudget as one poll of one source sees it: waits end by the poll's
-    deadline, and a wait lends the poll slot to other sources."""
+    deadline, a wait lends the poll slot to other sources, and `fetch` spends it.
+    `limits` turns an API's own rate-limit headers into the X-RateLimit-* and
+    Retry-After that the budget reads."""
 
-    def __init__(self, budget: RateBudget, src: Source):
-        self._budget, self._src = budget, src
+    def __init__(self, budget: RateBudget, src: Source, limits: Callable | None = None):
+        self._budget, self._src, self._limits = budget, src, limits
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._budget, name)
@@ -1738,6 +1745,31 @@ class _BoundBudget:
         # Leave room for the request itself to get an answer before the deadline.
         until = src.deadline - min(src.settings.fetch_timeout, 5.0)
         await self._budget.acquire(until, src._lend_slot)
+
+    async def fetch(self, url: str, *, what: str, **kwargs: Any) -> Fetched:
+        """`Source.fetch` within this budget: wait for a slot, fetch, and note what
+        the answer says about the budget. `what` names who answers ("GitHub"): a
+        transport failure becomes "cannot reach <what>" (kind unreachable), an
+        unusable answer (too large, endless redirects) keeps its kind; both are
+        transient."""
+        await self.acquire()
+        fetched = None
+        try:
+            fetched = await self._src.fetch(url, **kwargs)
+        except StageError as e:
+            if e.kind in _NETWORK_KINDS:
+                raise TransientError(
+                    f"cannot reach {what} ({host_of(url)}): {e}. Check this server's network, "
+                    "DNS and firewall; agentwatch keeps retrying",
+                    kind="unreachable",
+                ) from None
+            raise TransientError(f"{what}'s answer was unusable: {e}", kind=e.kind) from None
+        finally:
+            headers = None if fetched is None else fetched.headers
+            if headers is not None and self._limits:
+                headers = self._limits(headers)
+            self._budget.settle(headers)
+        return fetched
 
 
 POLL_TIME_FACTOR = 4  # a poll may take fetch_timeout x this, plus POLL_TIME_EXTRA
@@ -1820,11 +1852,13 @@ class Source:
     def poll_allowance(settings: Settings) -> float:
         return settings.fetch_timeout * POLL_TIME_FACTOR + POLL_TIME_EXTRA
 
-    def rate_budget(self, key: str, *, what: str = "", low_water: float = 0.1) -> _BoundBudget:
+    def rate_budget(
+        self, key: str, *, what: str = "", low_water: float = 0.1, limits: Callable | None = None
+    ) -> _BoundBudget:
         budgets = self._shared.setdefault(RateBudget, {})
         if key not in budgets:
             budgets[key] = RateBudget(what or key, low_water)
-        return _BoundBudget(budgets[key], self)
+        return _BoundBudget(budgets[key], self, limits)
 
     def token_cache(self, key: str) -> TokenCache:
         return self._shared.setdefault(TokenCache, {}).setdefault(key, TokenCache())
