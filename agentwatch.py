@@ -1484,6 +1484,8 @@ def dead_letter_json(row: sqlite3.Row) -> dict:
 #                                         body capped, validators kept per URL (conditional=True)
 #   self.raise_for_status(fetched, what)  the one meaning of an HTTP status for a poll
 #   self.rate_budget(key)                 a process-wide request budget (X-RateLimit-*, Retry-After)
+#   await budget.fetch(url, what=...)     self.fetch within that budget: waits for a slot, settles
+#                                         it from the answer, "cannot reach <what>" when it cannot
 #   self.token_cache(key)                 a process-wide access token, refreshed once on a 401
 #   Secret                                the type of an option that is a credential
 #   first_poll = "baseline" | "report"    whether the engine baselines the first poll silently
@@ -1790,12 +1792,17 @@ class TokenCache:
         self.value, self.expires_at = "", 0.0
 
 
+_NETWORK_KINDS = ("unreachable", "timeout", "network")
+
+
 class _BoundBudget:
     """A RateBudget as one poll of one source sees it: waits end by the poll's
-    deadline, and a wait lends the poll slot to other sources."""
+    deadline, a wait lends the poll slot to other sources, and `fetch` spends it.
+    `limits` turns an API's own rate-limit headers into the X-RateLimit-* and
+    Retry-After that the budget reads."""
 
-    def __init__(self, budget: RateBudget, src: Source):
-        self._budget, self._src = budget, src
+    def __init__(self, budget: RateBudget, src: Source, limits: Callable | None = None):
+        self._budget, self._src, self._limits = budget, src, limits
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._budget, name)
@@ -1805,6 +1812,31 @@ class _BoundBudget:
         # Leave room for the request itself to get an answer before the deadline.
         until = src.deadline - min(src.settings.fetch_timeout, 5.0)
         await self._budget.acquire(until, src._lend_slot)
+
+    async def fetch(self, url: str, *, what: str, **kwargs: Any) -> Fetched:
+        """`Source.fetch` within this budget: wait for a slot, fetch, and note what
+        the answer says about the budget. `what` names who answers ("GitHub"): a
+        transport failure becomes "cannot reach <what>" (kind unreachable), an
+        unusable answer (too large, endless redirects) keeps its kind; both are
+        transient."""
+        await self.acquire()
+        fetched = None
+        try:
+            fetched = await self._src.fetch(url, **kwargs)
+        except StageError as e:
+            if e.kind in _NETWORK_KINDS:
+                raise TransientError(
+                    f"cannot reach {what} ({host_of(url)}): {e}. Check this server's network, "
+                    "DNS and firewall; agentwatch keeps retrying",
+                    kind="unreachable",
+                ) from None
+            raise TransientError(f"{what}'s answer was unusable: {e}", kind=e.kind) from None
+        finally:
+            headers = None if fetched is None else fetched.headers
+            if headers is not None and self._limits:
+                headers = self._limits(headers)
+            self._budget.settle(headers)
+        return fetched
 
 
 POLL_TIME_FACTOR = 4  # a poll may take fetch_timeout x this, plus POLL_TIME_EXTRA
@@ -1887,11 +1919,13 @@ class Source:
     def poll_allowance(settings: Settings) -> float:
         return settings.fetch_timeout * POLL_TIME_FACTOR + POLL_TIME_EXTRA
 
-    def rate_budget(self, key: str, *, what: str = "", low_water: float = 0.1) -> _BoundBudget:
+    def rate_budget(
+        self, key: str, *, what: str = "", low_water: float = 0.1, limits: Callable | None = None
+    ) -> _BoundBudget:
         budgets = self._shared.setdefault(RateBudget, {})
         if key not in budgets:
             budgets[key] = RateBudget(what or key, low_water)
-        return _BoundBudget(budgets[key], self)
+        return _BoundBudget(budgets[key], self, limits)
 
     def token_cache(self, key: str) -> TokenCache:
         return self._shared.setdefault(TokenCache, {}).setdefault(key, TokenCache())
@@ -7230,6 +7264,54 @@ def replay(
             await llm.close()
 
     typer.echo(replay_report(*asyncio.run(main()), config=cfg))
+
+
+@app.command()
+def backup(
+    path: typing.Annotated[Path, typer.Argument(help="Where to write the copy")],
+    config: ConfigOption = None,
+    force: typing.Annotated[
+        bool, typer.Option("--force", help="Replace a file that is already at PATH")
+    ] = False,
+) -> None:
+    """A consistent copy of the database, safe while `run` is running (SQLite's
+    online backup). Refuses to replace an existing file without --force.
+
+    Example: agentwatch backup /var/backups/agentwatch-$(date +%F).db
+    """
+    cfg = open_config(config, read_only=True)  # it reads the database, nothing else
+    target = path.expanduser().absolute()
+    if not cfg.db_path.exists():
+        raise fail(AgentwatchError(f"there is no database at {cfg.db_path} to back up"))
+    if target.is_dir():
+        raise fail(AgentwatchError(f"{target} is a folder: give the copy's file name"))
+    if target.exists():
+        if target.samefile(cfg.db_path):
+            raise fail(AgentwatchError(f"{target} is the database itself"))
+        if not force:
+            raise fail(AgentwatchError(f"{target} exists; use --force to replace it"))
+    store = open_store(cfg)
+    # Written beside the target, then renamed over it: an interrupted backup never
+    # leaves a half copy under PATH, and --force keeps the old copy until the new
+    # one is whole. 0600, as `run` creates the database: it holds the same texts.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    umask = os.umask(0o077)
+    try:
+        store.backup(partial)
+        copy = sqlite3.connect(f"file:{partial}?mode=ro", uri=True)
+        try:
+            count = copy.execute("SELECT count(*) FROM items").fetchone()[0]
+        finally:
+            copy.close()
+        os.replace(partial, target)
+    except (sqlite3.Error, OSError) as e:
+        partial.unlink(missing_ok=True)
+        raise fail(AgentwatchError(f"backup to {target} failed: {e}")) from None
+    finally:
+        os.umask(umask)
+        store.close()
+    size = target.stat().st_size
+    typer.echo(f"backed up {cfg.db_path} to {target}: {size / 1e6:.1f} MB, {count} item(s)")
 
 
 def main() -> None:

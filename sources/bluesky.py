@@ -25,7 +25,6 @@ from agentwatch import (
     PermanentError,
     Secret,
     Source,
-    StageError,
     TransientError,
     host_of,
     human_duration,
@@ -201,7 +200,9 @@ class Bluesky(Source):
     @property
     def budget(self):
         host = host_of(self.options.service)
-        return self.rate_budget(f"bluesky:{host}", what=f"{host} (this server's address)")
+        return self.rate_budget(
+            f"bluesky:{host}", what=f"{host} (this server's address)", limits=limit_headers
+        )
 
     async def poll(self) -> list[Item]:
         o = self.options
@@ -294,19 +295,7 @@ class Bluesky(Source):
         return access, jwt_lifetime(access)
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> Any:
-        budget = self.budget
-        await budget.acquire()
-        fetched = None
-        try:
-            fetched = await self.fetch(url, method=method, **kwargs)
-        except StageError as e:
-            raise TransientError(
-                f"cannot reach Bluesky ({host_of(url)}): {e}. Check `service` and this server's "
-                "network; agentwatch keeps retrying",
-                kind="unreachable" if e.kind in ("unreachable", "timeout", "network") else e.kind,
-            ) from None
-        finally:
-            budget.settle(limit_headers(fetched.headers) if fetched else None)
+        fetched = await self.budget.fetch(url, what="Bluesky", method=method, **kwargs)
         self.requests += 1
         return fetched
 

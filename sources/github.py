@@ -203,18 +203,7 @@ class GitHub(Source):
         if o.token:
             headers["Authorization"] = f"Bearer {o.token}"
         budget = self.budget
-        await budget.acquire()
-        fetched = None
-        try:
-            fetched = await self.fetch(url, params=params, headers=headers)
-        except StageError as e:
-            raise TransientError(
-                f"cannot reach GitHub ({host_of(url)}): {e}. Check this server's network; "
-                "agentwatch keeps retrying",
-                kind="unreachable" if e.kind in ("unreachable", "timeout", "network") else e.kind,
-            ) from None
-        finally:
-            budget.settle(fetched.headers if fetched else None)
+        fetched = await budget.fetch(url, what="GitHub", params=params, headers=headers)
         self.requests += 1
         self._check(fetched, budget)
         return fetched

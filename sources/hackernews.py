@@ -211,18 +211,9 @@ class HackerNews(Source):
         url = self.options.base_url + "/api/v1/search_by_date"
         host = host_of(url)
         budget = self.rate_budget(f"hackernews:{host}", what=f"{host} (this server's address)")
-        await budget.acquire()
-        fetched = None
-        try:
-            fetched = await self.fetch(url, params=params, headers={"Accept": "application/json"})
-        except StageError as e:
-            raise TransientError(
-                f"cannot reach Hacker News search ({host}): {e}. Check this server's network; "
-                "agentwatch keeps retrying",
-                kind="unreachable" if e.kind in ("unreachable", "timeout", "network") else e.kind,
-            ) from None
-        finally:
-            budget.settle(fetched.headers if fetched else None)
+        fetched = await budget.fetch(
+            url, what="Hacker News search", params=params, headers={"Accept": "application/json"}
+        )
         self.requests += 1
         status = fetched.status
         if status == 429:

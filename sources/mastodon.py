@@ -129,6 +129,14 @@ def reset_seconds(headers: Any) -> float | None:
     return None if when is None else max(0.0, when - time.time())
 
 
+def limit_headers(headers: Any) -> dict:
+    """The headers with the reset handed over as seconds from now, as the budget reads it."""
+    found = dict(headers)
+    if (seconds := reset_seconds(headers)) is not None:
+        found["x-ratelimit-reset"] = str(seconds)
+    return found
+
+
 def _resumes(seconds: float) -> str:
     at = time.strftime("%H:%M", time.gmtime(time.time() + seconds))
     return f"resumes in {human_duration(seconds)} (at {at} UTC)"
@@ -188,7 +196,7 @@ class Mastodon(Source):
         key = hashlib.sha256(token.encode()).hexdigest()[:16] if token else "anonymous"
         host = host_of(self.options.instance)
         who = f"{host} (this token)" if token else f"{host} (this server's address)"
-        return self.rate_budget(f"mastodon:{host}:{key}", what=who)
+        return self.rate_budget(f"mastodon:{host}:{key}", what=who, limits=limit_headers)
 
     async def poll(self) -> list[Item]:
         o = self.options
@@ -239,25 +247,7 @@ class Mastodon(Source):
         if o.token:
             headers["Authorization"] = f"Bearer {o.token}"
         budget = self.budget
-        await budget.acquire()
-        fetched = None
-        try:
-            fetched = await self.fetch(url, params=params, headers=headers)
-        except StageError as e:
-            raise TransientError(
-                f"cannot reach Mastodon ({host_of(url)}): {e}. Check `instance` and this "
-                "server's network; agentwatch keeps retrying",
-                kind="unreachable" if e.kind in ("unreachable", "timeout", "network") else e.kind,
-            ) from None
-        finally:
-            if fetched is not None:
-                # The reset is an ISO time: handed over as seconds, as the budget reads it.
-                settled = dict(fetched.headers)
-                if (seconds := reset_seconds(fetched.headers)) is not None:
-                    settled["x-ratelimit-reset"] = str(seconds)
-                budget.settle(settled)
-            else:
-                budget.settle(None)
+        fetched = await budget.fetch(url, what="Mastodon", params=params, headers=headers)
         self.requests += 1
         self._check(fetched, budget)
         return fetched

@@ -23,10 +23,8 @@ from agentwatch import (
     Item,
     PermanentError,
     Source,
-    StageError,
     TransientError,
     __version__,
-    host_of,
     parse_retry_after,
     source,
 )
@@ -278,15 +276,7 @@ class RedditSource(Source):
                 url = o.oauth_base_url + path
             else:
                 url = o.base_url + path + ".json"
-            budget = self.budget
-            await budget.acquire()
-            fetched = None
-            try:
-                fetched = await self.fetch(url, params=params, headers=headers)
-            except StageError as e:
-                raise self._unreachable(e, url) from None
-            finally:
-                budget.settle(fetched.headers if fetched else None)
+            fetched = await self.budget.fetch(url, what="Reddit", params=params, headers=headers)
             self.requests += 1
             if fetched.status != 401 or not self.oauth:
                 return self._decode(fetched, path)
@@ -304,14 +294,11 @@ class RedditSource(Source):
         """An app-only token (client credentials), for the token cache."""
         o = self.options
         url = o.base_url + "/api/v1/access_token"
-        try:
-            fetched = await self.fetch(
-                url, method="POST", auth=(o.client_id, o.client_secret),
-                data={"grant_type": "client_credentials"},
-                headers={"User-Agent": o.user_agent, "Accept": "application/json"},
-            )  # fmt: skip
-        except StageError as e:
-            raise self._unreachable(e, url) from None
+        fetched = await self.budget.fetch(
+            url, what="Reddit", method="POST", auth=(o.client_id, o.client_secret),
+            data={"grant_type": "client_credentials"},
+            headers={"User-Agent": o.user_agent, "Accept": "application/json"},
+        )  # fmt: skip
         self.requests += 1
         if fetched.status in (400, 401):
             raise PermanentError(
@@ -336,15 +323,6 @@ class RedditSource(Source):
             )
         lifetime = answer.get("expires_in")
         return value, float(lifetime) if isinstance(lifetime, int | float) else None
-
-    def _unreachable(self, error: StageError, url: str) -> StageError:
-        if error.kind in ("too_large", "redirects"):
-            return TransientError(f"Reddit's answer was unusable: {error}", kind="bad_response")
-        return TransientError(
-            f"cannot reach Reddit ({host_of(url)}): {error}. Check this server's network, "
-            "DNS and firewall; agentwatch keeps retrying",
-            kind="unreachable",
-        )
 
     def _blocked(self, detail: str) -> PermanentError:
         if not self.oauth:

@@ -215,18 +215,9 @@ class StackExchange(Source):
     async def _get(self, params: dict) -> Any:
         url = self.options.base_url + "/2.3/search/advanced"
         budget = self.budget
-        await budget.acquire()
-        fetched = None
-        try:
-            fetched = await self.fetch(url, params=params, headers={"Accept-Encoding": "gzip"})
-        except StageError as e:
-            raise TransientError(
-                f"cannot reach Stack Exchange ({host_of(url)}): {e}. Check this server's network; "
-                "agentwatch keeps retrying",
-                kind="unreachable" if e.kind in ("unreachable", "timeout", "network") else e.kind,
-            ) from None
-        finally:
-            budget.settle(fetched.headers if fetched else None)
+        fetched = await budget.fetch(
+            url, what="Stack Exchange", params=params, headers={"Accept-Encoding": "gzip"}
+        )
         self.requests += 1
         answer = None
         if fetched.status < 500 or fetched.body[:1] in (b"{", b"\x1f"):

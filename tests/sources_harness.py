@@ -56,7 +56,7 @@ def ids(items) -> list[str]:
 
 
 def e2e_config(make_config, type: str, llm: str = 'about = "Acme is an analytics tool."',
-               every: str = "1s", **keys) -> object:  # fmt: skip
+               every: str = "1s", name: str = "src", **keys) -> object:  # fmt: skip
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
     return make_config(f"""
         [agentwatch]
@@ -72,7 +72,7 @@ def e2e_config(make_config, type: str, llm: str = 'about = "Acme is an analytics
         webhook_url = "${{SLACK_WEBHOOK_URL}}"
 
         [[sources]]
-        name = "src"
+        name = "{name}"
         type = "{type}"
         every = "{every}"
         notify = "all"

@@ -4,9 +4,7 @@ and the access ladder against a fake Reddit on loopback, and one run end to end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-import json
 import logging
 import signal
 import time
@@ -23,9 +21,10 @@ from fake_reddit import (
     listing_body,
     post,
 )
+from sources_harness import e2e_config, harness, ids, run
 
 import agentwatch
-from agentwatch import ConfigError, Settings, StageError
+from agentwatch import ConfigError, StageError
 
 CLIENT_ID, SECRET = "cid-acme", "s3cret-value-123"
 
@@ -42,51 +41,6 @@ def options(fake: FakeReddit, oauth: bool = True, **more) -> dict:
     if oauth:
         found.update(client_id=CLIENT_ID, client_secret=SECRET)
     return {**found, **more}
-
-
-class Harness:
-    """Sources of one process (one shared dict, one HTTP client), polled the way
-    the scheduler polls: state round-trips through JSON and is kept only when
-    the poll succeeds."""
-
-    def __init__(self, fetch_timeout: float = 5):
-        self.settings = Settings(fetch_timeout=fetch_timeout)
-        self.shared: dict = {}
-        self.http = None
-
-    def source(self, name: str = "r", **opts) -> reddit_source.RedditSource:
-        config = agentwatch.build_source_config(
-            {"name": name, "type": "reddit", **opts}, "sources[0]"
-        )
-        return agentwatch.make_source(config, self.settings, self.http, self.shared)
-
-    async def poll(self, src) -> list[agentwatch.Item]:
-        before = json.loads(json.dumps(src.state))
-        try:
-            return await src.poll()
-        except BaseException:
-            src.state = before
-            raise
-        finally:
-            src.state = json.loads(json.dumps(src.state))
-
-
-@contextlib.asynccontextmanager
-async def harness(fetch_timeout: float = 5):
-    h = Harness(fetch_timeout)
-    h.http = agentwatch.make_http_client(h.settings)
-    try:
-        yield h
-    finally:
-        await h.http.aclose()
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def ids(items) -> list[str]:
-    return [i.item_id for i in items]
 
 
 # ###########################################################################
@@ -218,8 +172,8 @@ def test_token_is_fetched_once_and_shared_by_sources_with_the_same_app(reddit):
 
     async def scenario():
         async with harness() as h:
-            a = h.source("a", **options(reddit))
-            b = h.source("b", **options(reddit, subreddit="other"))
+            a = h.source("reddit", "a", **options(reddit))
+            b = h.source("reddit", "b", **options(reddit, subreddit="other"))
             for _ in range(3):
                 assert len(await h.poll(a)) == 100
                 assert len(await h.poll(b)) == 1
@@ -245,7 +199,7 @@ def test_token_is_refreshed_before_it_expires():
 
         async def scenario():
             async with harness() as h:
-                src = h.source(**options(fake))
+                src = h.source("reddit", **options(fake))
                 await h.poll(src)
                 await h.poll(src)
                 await asyncio.sleep(2)
@@ -261,7 +215,7 @@ def test_a_refused_token_is_refreshed_once(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit))
+            src = h.source("reddit", **options(reddit))
             await h.poll(src)
             reddit.revoke_tokens()  # Reddit dropped it early
             assert len(await h.poll(src)) == 1
@@ -283,7 +237,7 @@ def test_bad_credentials_are_reported_as_auth_failed(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, client_secret="wrong-secret"))
+            src = h.source("reddit", **options(reddit, client_secret="wrong-secret"))
             with pytest.raises(StageError) as caught:
                 await h.poll(src)
             return caught.value
@@ -301,7 +255,7 @@ def test_a_token_answer_with_an_error_field_is_auth_failed(reddit):
     async def scenario():
         async with harness() as h:
             with pytest.raises(StageError) as caught:
-                await h.poll(h.source(**options(reddit)))
+                await h.poll(h.source("reddit", **options(reddit)))
             return caught.value
 
     error = run(scenario())
@@ -318,7 +272,7 @@ def test_without_credentials_the_public_json_endpoints_are_used(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, oauth=False))
+            src = h.source("reddit", **options(reddit, oauth=False))
             return await h.poll(src), src
 
     items, src = run(scenario())
@@ -343,7 +297,7 @@ def test_each_kind_of_source_reads_its_listings(reddit):
                 "search_all": {"query": "acme", "subreddit": ""},
                 "combined": {"query": "acme", "comments": True},
             }.items():
-                src = h.source(name, **options(reddit, **opts))
+                src = h.source("reddit", name, **options(reddit, **opts))
                 results[name] = (await h.poll(src), src.state["requests"])
             return results
 
@@ -369,7 +323,7 @@ def test_a_quiet_subreddit_is_not_a_failure(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit))
+            src = h.source("reddit", **options(reddit))
             return [await h.poll(src) for _ in range(3)], src
 
     polls, src = run(scenario())
@@ -392,7 +346,9 @@ def test_a_burst_of_more_than_100_new_items_is_paged_through(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, subreddit="acme", comments=True, query="zzz"))
+            src = h.source(
+                "reddit", **options(reddit, subreddit="acme", comments=True, query="zzz")
+            )
             baseline = await h.poll(src)
             burst = comments_at(250, 2_000_000)
             comments.add(*burst)
@@ -419,7 +375,9 @@ def test_a_burst_into_a_listing_that_was_empty_is_paged_through(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, subreddit="acme", comments=True, query="zzz"))
+            src = h.source(
+                "reddit", **options(reddit, subreddit="acme", comments=True, query="zzz")
+            )
             baseline = await h.poll(src)
             burst = comments_at(250, 2_000_000)
             comments.add(*burst)
@@ -436,7 +394,7 @@ def test_paging_is_bounded(reddit, caplog):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, query="zzz", comments=True))
+            src = h.source("reddit", **options(reddit, query="zzz", comments=True))
             await h.poll(src)
             comments.add(*comments_at(1200, 2_000_000))
             return await h.poll(src)
@@ -454,7 +412,7 @@ def test_a_deleted_newest_item_does_not_stop_the_next_poll(reddit):
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit))
+            src = h.source("reddit", **options(reddit))
             await h.poll(src)
             del new.things[0]  # the newest post seen is removed
             new.add(post(title="fresh", created=1_000_010))
@@ -479,8 +437,8 @@ def test_rate_limit_headers_slow_polls_before_a_429(reddit):
 
     async def scenario():
         async with harness() as h:
-            a = h.source("a", **options(reddit, comments=True))
-            b = h.source("b", **options(reddit, comments=True))
+            a = h.source("reddit", "a", **options(reddit, comments=True))
+            b = h.source("reddit", "b", **options(reddit, comments=True))
             started = time.monotonic()
             for _ in range(4):
                 await asyncio.gather(h.poll(a), h.poll(b))
@@ -527,7 +485,7 @@ def test_a_spent_budget_with_a_distant_reset_fails_the_poll_without_a_request(re
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit))
+            src = h.source("reddit", **options(reddit))
             await h.poll(src)
             with pytest.raises(StageError) as caught:
                 await h.poll(src)
@@ -545,8 +503,8 @@ def test_429_retry_after_is_respected_by_every_source_of_the_app(reddit):
 
     async def scenario():
         async with harness(fetch_timeout=2) as h:
-            a = h.source("a", **options(reddit))
-            b = h.source("b", **options(reddit))
+            a = h.source("reddit", "a", **options(reddit))
+            b = h.source("reddit", "b", **options(reddit))
             with pytest.raises(StageError) as caught:
                 await h.poll(a)
             limited_at = time.time()
@@ -568,7 +526,10 @@ def test_a_long_429_penalty_fails_other_sources_without_requests(reddit):
 
     async def scenario():
         async with harness() as h:
-            a, b = h.source("a", **options(reddit)), h.source("b", **options(reddit))
+            a, b = (
+                h.source("reddit", "a", **options(reddit)),
+                h.source("reddit", "b", **options(reddit)),
+            )
             errors = []
             for src in (a, b, a):
                 with pytest.raises(StageError) as caught:
@@ -606,7 +567,7 @@ def test_failures_are_told_apart_in_plain_words(reddit, fault, oauth, kind, word
 
     async def scenario():
         async with harness() as h:
-            src = h.source(**options(reddit, oauth=oauth))
+            src = h.source("reddit", **options(reddit, oauth=oauth))
             with pytest.raises(StageError) as caught:
                 await h.poll(src)
             return caught.value
@@ -623,7 +584,7 @@ def test_a_blocked_public_answer_points_at_oauth(reddit):
     async def scenario():
         async with harness() as h:
             with pytest.raises(StageError) as caught:
-                await h.poll(h.source(**options(reddit, oauth=False)))
+                await h.poll(h.source("reddit", **options(reddit, oauth=False)))
             return caught.value
 
     error = run(scenario())
@@ -638,7 +599,7 @@ def test_a_blocked_public_answer_points_at_oauth(reddit):
 def test_an_unreachable_reddit_says_so(offline):
     async def scenario():
         async with harness() as h:
-            src = h.source(subreddit="acme", base_url=offline)
+            src = h.source("reddit", subreddit="acme", base_url=offline)
             with pytest.raises(StageError) as caught:
                 await h.poll(src)
             return caught.value
@@ -655,28 +616,8 @@ def test_an_unreachable_reddit_says_so(offline):
 def reddit_config(
     make_config, fake: FakeReddit, llm: str = 'about = "Acme is an analytics tool."', **source
 ):
-    keys = "\n".join(f"{k} = {json.dumps(v)}" for k, v in source.items())
-    return make_config(f"""
-        [agentwatch]
-        db = "aw.db"
-        health = ""
-        retry_base = "1s"
-        retry_max = "1s"
-
-        [llm]
-        {llm}
-
-        [slack]
-        webhook_url = "${{SLACK_WEBHOOK_URL}}"
-
-        [[sources]]
-        name = "r-acme"
-        type = "reddit"
-        every = "1s"
-        base_url = "{fake.url}"
-        oauth_base_url = "{fake.url}"
-        {keys}
-    """)
+    return e2e_config(make_config, "reddit", llm, name="r-acme", base_url=fake.url,
+                      oauth_base_url=fake.url, **source)  # fmt: skip
 
 
 def test_a_new_negative_comment_reaches_slack_with_a_draft(
