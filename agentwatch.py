@@ -2815,17 +2815,9 @@ class LLM:
         knowledge = self.knowledge  # one SIGHUP may swap it meanwhile
         request = self.draft_request(row, classification, source)
         message, usage = await self._call(row, "draft", **request)
-        try:
-            try:
-                data = json.loads(_text_of(message))
-            except ValueError:
-                raise TransientError(
-                    "the draft is not the JSON asked for", kind="bad_output"
-                ) from None
-            reply, file, heading = validate_draft(data, knowledge)
-        except StageError as e:
-            e.usage = usage  # paid for all the same: the budget must see it
-            raise
+        reply, file, heading = _json_answer(
+            message, usage, "the draft", lambda data: validate_draft(data, knowledge)
+        )
         return draft_text(reply, file, heading, row, knowledge), usage
 
     async def brief(self, row: Any, facts: str, items: list[Any]) -> tuple[list[str], LLMUsage]:
@@ -2844,23 +2836,27 @@ class LLM:
             messages=[{"role": "user", "content": content}],
             output_config={"format": {"type": "json_schema", "schema": BRIEFING_SCHEMA}},
         )  # fmt: skip
-        try:
-            try:
-                data = json.loads(_text_of(message))
-            except ValueError:
-                raise TransientError(
-                    "the briefing is not the JSON asked for", kind="bad_output"
-                ) from None
-            return validate_briefing(data), usage
-        except StageError as e:
-            e.usage = usage  # paid for all the same: the budget must see it
-            raise
+        return _json_answer(message, usage, "the briefing", validate_briefing), usage
 
     async def source_stage(
         self, row: Any, stage: str, spec: LLMStage, source: SourceConfig | None = None
     ) -> tuple[str, LLMUsage]:
         """A source's own LLM stage (a URL change's summary), with its own prompt."""
         return await self._text(row, stage, getattr(self.settings, spec.model), spec.prompt, source)
+
+
+def _json_answer(message: Any, usage: LLMUsage, what: str, validate: Callable) -> Any:
+    """A structured-output answer, parsed and validated; a failure still carries
+    the usage, because the call was paid for all the same and the budget must see it."""
+    try:
+        try:
+            data = json.loads(_text_of(message))
+        except ValueError:
+            raise TransientError(f"{what} is not the JSON asked for", kind="bad_output") from None
+        return validate(data)
+    except StageError as e:
+        e.usage = usage
+        raise
 
 
 def _text_of(message: Any) -> str:
