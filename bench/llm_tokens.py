@@ -6,7 +6,8 @@ Each case runs the real `agentwatch run --once` against the fake Messages API
 and reads the product's own accounting (the `llm_usage` table). Each draft
 request is also counted with the SDK's `messages.count_tokens`. The fake counts
 about four characters a token, so the figures are estimates of that precision;
-the knowledge cases are a 5 KB slice of this README and the whole README (84 KB).
+the knowledge cases are the first 5 KB and the first 84 KB of this README (fixed sizes, so
+the figures do not drift as the README grows).
 
     python bench/llm_tokens.py [--items 50]
 """
@@ -107,7 +108,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50)
     args = parser.parse_args()
     readme = (ROOT / "README.md").read_text()
-    cases = {"no knowledge": "", "5 KB knowledge": readme[:5000], "84 KB knowledge": readme}
+    cases = {
+        "no knowledge": "",
+        "5 KB knowledge": readme[:5000],
+        "84 KB knowledge": readme[:84_000],
+    }
     settings = agentwatch.LLMSettings()
     with FakeFeeds() as feeds, FakeAnthropic() as llm, tempfile.TemporaryDirectory() as tmp:
         feeds.set("/r.xml", rss(reddit_posts(args.items)), conditional=False)
