@@ -6791,6 +6791,19 @@ def run(
     raise typer.Exit(code)
 
 
+async def preview_poll(cfg: Config, source_config: SourceConfig) -> tuple[list[Item], str]:
+    """One poll of a source from a blank state, stored nowhere (`preview`, `test`):
+    its validated items and the state it found, in words."""
+    src = make_source(source_config, cfg.agentwatch, None, {})
+    src.previewing = True
+    src.http = make_http_client(cfg.agentwatch)
+    try:
+        items = validate_items(await src.poll(), source_config.name)
+    finally:
+        await src.http.aclose()
+    return items, src.describe_state(src.state)
+
+
 @app.command()
 def preview(
     source_name: typing.Annotated[str, typer.Argument(metavar="SOURCE", help="A source's name")],
@@ -6808,22 +6821,11 @@ def preview(
         names = ", ".join(s.name for s in cfg.sources) or "none"
         raise fail(ConfigError("sources", f"no source named {source_name!r} (sources: {names})"))
 
-    src = make_source(source_config, cfg.agentwatch, None, {})
-    src.previewing = True
-
-    async def fetch() -> list[Item]:
-        src.http = make_http_client(cfg.agentwatch)
-        try:
-            return validate_items(await src.poll(), source_name)
-        finally:
-            await src.http.aclose()
-
     redact = redactor(cfg)
     try:
-        items = asyncio.run(fetch())
+        items, state = asyncio.run(preview_poll(cfg, source_config))
     except StageError as e:
         raise fail(AgentwatchError(f"{source_name}: {safe(e, redact)}")) from None
-    state = src.describe_state(src.state)
     if as_json:
         echo_json({
             "items": [{**dataclasses.asdict(item), "published_at": iso(item.published_at),
@@ -6846,6 +6848,224 @@ def preview(
     # look; what it found is its state.
     if state:
         out.line("state: ", safe(state, redact), cut=True)
+
+
+# --- agentwatch test: every destination, the LLM and every source, once -----
+#
+# Each check reuses the path `run` takes (Webhook._post, SlackApp.send,
+# Destinations.deliver, LLM._call, preview_poll), so its error is the engine's
+# own message; SELFTEST_FIXES adds what to do about it, by the error's kind.
+# Nothing is stored: the poll is a preview, the LLM call's few tokens are not
+# recorded as spend, and the messages are not items.
+
+SELFTEST_FIXES = {
+    "refused": "the URL is wrong, or the webhook was removed or revoked: set {where} to a "
+    "current {what}",
+    "unreachable": "check {where} (its host) and this machine's network and proxy",
+    "network": "check {where} (its host) and this machine's network and proxy",
+    "timeout": "the service is slow or unreachable: check the network, then try again",
+    "server_error": "the service is failing right now: try again later",
+    "rate_limited": "the service is rate-limiting this machine: try again later",
+    "bad_response": "something other than {what} answers at {where}: check it",
+    "http_401": "the API key was refused: set ANTHROPIC_API_KEY to a current key",
+    "http_403": "the key may not do this: check the key's workspace and permissions",
+    "http_404": "check {where}",
+    "http_400": "check {where}",
+    "auth_failed": "the credentials were refused: check the source's token or password",
+    "invalid_item": "the source type returned a bad item: a bug in its code (or drop-in)",
+}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: skipped
+    detail: str
+    fix: str = ""
+
+
+def setting_name(cfg: Config, *path: str | int) -> str:
+    """Where a value is set, for advice: `$VAR` when the config takes it from one,
+    else the key ("[slack] webhook_url")."""
+    raw: Any
+    try:
+        raw = tomllib.loads(cfg.path.read_text(encoding="utf-8"))
+        for part in path:
+            raw = raw[part]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, IndexError, TypeError):
+        raw = None
+    if isinstance(raw, str) and (m := re.fullmatch(r"\$\{(\w+)\}", raw.strip())):
+        return f"${m.group(1)}"
+    if path[0] == "sources":
+        return f"source {cfg.sources[int(path[1])].name}'s {path[-1]}"
+    return f"[{path[0]}] {path[-1]}"
+
+
+def _failed(name: str, error: AgentwatchError, where: str, what: str) -> Check:
+    kind = getattr(error, "kind", "")
+    if kind in SLACK_FIXES:  # the engine's message already says what to do
+        return Check(name, False, str(error))
+    fix = SELFTEST_FIXES.get(kind, "")
+    return Check(name, False, str(error), fix.format(where=where, what=what))
+
+
+def selftest_row() -> dict:
+    """The test message, as an item row the destinations render like any other."""
+    now = time.time()
+    return {
+        "id": 0, "source": OWN_SOURCE, "item_id": f"test:{iso(now)}", "kind": "test",
+        "title": "agentwatch test message: this destination works",
+        "url": "", "author": "", "published_at": now, "classification": None,
+        "summary": "", "draft": None, "extra": "{}",
+        "body": f"Sent by `agentwatch test` on {socket.gethostname()}. Nothing to do.",
+    }  # fmt: skip
+
+
+async def selftest_destinations(cfg: Config, http: Any) -> list[Check]:
+    row = selftest_row()
+    metrics: Counter = Counter()
+    checks: list[Check] = []
+    slack = Slack(cfg.slack, http, metrics, store=None)  # type: ignore[arg-type]
+    # Every Slack webhook the config names (the default, sources', the digest's).
+    hooks: dict[str, tuple[str, str]] = {}
+    if cfg.slack.webhook_url:
+        hooks[cfg.slack.webhook_url] = ("slack", setting_name(cfg, "slack", "webhook_url"))
+    for i, s in enumerate(cfg.sources):
+        if s.slack_webhook_url and s.slack_webhook_url not in hooks:
+            hooks[s.slack_webhook_url] = (f"slack (source {s.name})",
+                                          setting_name(cfg, "sources", i, "slack_webhook_url"))  # fmt: skip
+    if cfg.digest.webhook_url and cfg.digest.webhook_url not in hooks:
+        hooks[cfg.digest.webhook_url] = ("slack (digest)",
+                                         setting_name(cfg, "digest", "webhook_url"))  # fmt: skip
+    try:
+        for url, (name, where) in hooks.items():
+            try:
+                await slack.webhook(url)._post(render_message([row]))
+            except StageError as e:
+                checks.append(_failed(name, e, where, "Slack Incoming Webhook URL"))
+            else:
+                checks.append(Check(name, True, "test message posted to the webhook"))
+        if slack.app:
+            channels = [cfg.slack.channel] if cfg.slack.channel else []
+            channels += [s.slack_channel for s in cfg.sources
+                         if s.slack_channel and s.slack_channel not in channels]  # fmt: skip
+            for channel in channels:
+                name = f"slack app ({channel})"
+                try:
+                    await slack.app.send(render_message([row]), channel)
+                except StageError as e:
+                    where = setting_name(cfg, "slack", "bot_token")
+                    checks.append(_failed(name, e, where, "bot token"))
+                else:
+                    checks.append(Check(name, True, f"test message posted to {channel}"))
+        if not hooks and not slack.app:
+            checks.append(Check("slack", None, "no webhook or bot token configured: "
+                                "items are printed to stdout"))  # fmt: skip
+    finally:
+        await slack.close()
+    destinations = Destinations(http)
+    for name, stage, url, where, what in (
+        ("discord", "notify_discord", cfg.discord.webhook_url,
+         setting_name(cfg, "discord", "webhook_url"), "Discord webhook URL"),
+        ("webhook", "notify_webhook", cfg.webhook.url,
+         setting_name(cfg, "webhook", "url"), "receiver URL"),
+    ):  # fmt: skip
+        if not url:
+            continue
+        try:
+            await destinations.deliver(stage, row, cfg)
+        except StageError as e:
+            checks.append(_failed(name, e, where, what))
+        else:
+            checks.append(Check(name, True, "test message accepted"))
+    return checks
+
+
+async def selftest_llm(cfg: Config, store: Store | None) -> Check:
+    if cfg.llm.provider == "none":
+        return Check("llm", None, 'provider = "none": no LLM is used')
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        return Check("llm", False, "ANTHROPIC_API_KEY is not set",
+                     'set it where `run` runs (or provider = "none" to run without the LLM)')  # fmt: skip
+    settings = cfg.llm
+    if store is None:  # no database yet: nothing is spent, so no budget to check
+        settings = dataclasses.replace(settings, daily_budget_usd=0.0)
+    llm = LLM(settings, store, Counter())  # type: ignore[arg-type]
+    try:
+        _, usage = await llm._call(
+            {"source": OWN_SOURCE}, "test", model=settings.model, max_tokens=1,
+            messages=[{"role": "user", "content": "Answer with one word: ok"}],
+        )  # fmt: skip
+    except BudgetExhausted as e:
+        return Check("llm", None, f"not called: {e}")
+    except StageError as e:
+        return _failed("llm", e, "[llm] model", "model")
+    finally:
+        await llm.close()
+    return Check("llm", True, f"{usage.model} answered ({usage.input_tokens} tokens in)")
+
+
+async def selftest_sources(cfg: Config) -> list[Check]:
+    limit = asyncio.Semaphore(POLLS_AT_ONCE)
+
+    async def one(source_config: SourceConfig) -> Check:
+        name = f"source {source_config.name}"
+        async with limit:
+            try:
+                items, state = await preview_poll(cfg, source_config)
+            except StageError as e:
+                return _failed(
+                    name,
+                    e,
+                    f"the url and options of source {source_config.name} "
+                    f"(`agentwatch preview {source_config.name}` shows more)",
+                    "feed",
+                )
+        found = f"{len(items)} item(s)" + (f"; {state}" if state else "")
+        return Check(name, True, f"polled: {found} (nothing stored)")
+
+    return list(await asyncio.gather(*(one(s) for s in cfg.sources)))
+
+
+@app.command("test")
+def selftest(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Send a test message to every destination, make one small LLM call and poll
+    every source once (storing nothing); exit 1 if any check failed.
+
+    Example: agentwatch -c /etc/agentwatch.toml test
+    """
+    cfg = open_config(config)  # it sends and calls out, as `run` does
+    setup_logging(cfg, logging.ERROR)
+    store = open_store(cfg) if cfg.db_path.exists() else None
+
+    async def main() -> list[Check]:
+        http = make_http_client(cfg.agentwatch)
+        try:
+            return [*await selftest_destinations(cfg, http),
+                    await selftest_llm(cfg, store), *await selftest_sources(cfg)]  # fmt: skip
+        finally:
+            await http.aclose()
+
+    checks = asyncio.run(main())
+    redact = redactor(cfg)
+    failed = [c for c in checks if c.ok is False]
+    if as_json:
+        echo_json({
+            "ok": not failed,
+            "checks": [{"check": c.name, "result": {True: "ok", False: "failed", None: "skipped"}[c.ok],
+                        "detail": redact(c.detail), "fix": redact(c.fix)} for c in checks],
+        })  # fmt: skip
+    else:
+        out = Out()
+        for c in checks:
+            word, style = {True: ("ok", "green"), False: ("FAILED", "bold red"),
+                           None: ("skipped", "yellow")}[c.ok]  # fmt: skip
+            text = safe(c.detail, redact) + (f"; {safe(c.fix, redact)}" if c.fix else "")
+            out.line((c.name, "bold"), ": ", (word, style), f" — {text}")
+        out.line(f"{len(failed)} of {len(checks)} check(s) failed" if failed
+                 else f"all {len(checks)} check(s) passed")  # fmt: skip
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
