@@ -124,12 +124,15 @@ class _API(_FakeServer):
             if self._rate is None:
                 return None
             limit, window = self._rate
+            # A window opens with a credential's first request (as GitHub's does), not on
+            # the clock's round numbers: a test started a minute before the hour would
+            # otherwise see its window reset under it.
             now = time.time()
-            start = math.floor(now / window) * window
-            was, used = self._windows.get(key, (start, 0))
-            used = used + 1 if was == start else 1
-            self._windows[key] = (start, used)
-            return limit, used, start + window
+            start, used = self._windows.get(key, (now, 0))
+            if now >= start + window:
+                start, used = now, 0
+            self._windows[key] = (start, used + 1)
+            return limit, used + 1, start + window
 
     def _handle(self, request: Request) -> Response | object:
         split = urlsplit(request.target)

@@ -93,6 +93,11 @@ def test_backup_while_run_writes_is_whole_and_consistent(
             assert f", {count} item(s)" in result.stdout
             copies.append((copy, count))
             time.sleep(0.4)
+        # On a loaded machine the run may not have polled since the last copy yet.
+        wait_until(
+            lambda: _read(live, "SELECT count(*) FROM items")[0][0] > copies[-1][1],
+            what="a write after the last backup",
+        )
         assert running.returncode is None, running.stderr_text()
     finally:
         growing.close()
