@@ -262,10 +262,18 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(key, f"cannot check values of type {hint!r}")  # a bug in a plugin's Options
 
 
+@functools.cache
+def _init_fields(cls: type) -> tuple[dict, dict]:
+    """The type hints and init fields of a dataclass, worked out once per class:
+    get_type_hints compiles every string annotation anew, which made loading a
+    config of 100 sources cost 70 ms in every command."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    return typing.get_type_hints(cls), fields
+
+
 def build(cls: type, table: dict, prefix: str) -> Any:
     """Build dataclass `cls` from a TOML table: unknown keys and bad values name their key."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _init_fields(cls)
     for name in table:
         if name not in fields:
             known = ", ".join(sorted(fields)) or "none"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,19 +39,28 @@ def environment() -> dict:
     return {"COLUMNS": "200", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}
 
 
-def timed(args: list[str], config: Path, runs: int) -> tuple[float, float, str]:
-    times, out = [], ""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(args: list[str], config: Path, runs: int) -> tuple[float, float, float, str]:
+    """Median and worst wall time, and median CPU time (user + system, which other
+    load on the machine disturbs less than wall time), of `runs` runs."""
+    times, cpus, out = [], [], ""
     for _ in range(runs):
+        cpu_before = children_cpu()
         started = time.perf_counter()
         result = subprocess.run(
             [*agentwatch_command(), *args, "--config", str(config)],
             capture_output=True, text=True, env=environment(),
         )  # fmt: skip
         times.append(time.perf_counter() - started)
+        cpus.append(children_cpu() - cpu_before)
         if result.returncode != 0:
             sys.exit(f"agentwatch {' '.join(args)} failed: {result.stderr}")
         out = result.stdout
-    return statistics.median(times), max(times), out
+    return statistics.median(times), max(times), statistics.median(cpus), out
 
 
 def imported(args: list[str], config: Path) -> set[str]:
@@ -90,11 +100,12 @@ def main() -> None:
         print(f"{args.items:,} items ({big_db.size_mb(db)}), median of {args.runs} runs:")
         failed = False
         for command in COMMANDS:
-            median, worst, out = timed(command, config, args.runs)
+            median, worst, cpu, out = timed(command, config, args.runs)
             modules = imported(command, config)
             sdk = sorted(m for m in modules if m == "anthropic" or m.startswith("anthropic."))
             failed = failed or bool(sdk)
             print(f"  agentwatch {' '.join(command)}: median {median:.3f} s, max {worst:.3f} s, "
+                  f"CPU {cpu:.3f} s, "
                   f"{len(out.splitlines())} lines; {len(modules)} modules imported, "
                   + (f"IMPORTS {sdk[0]}" if sdk else "no anthropic"))  # fmt: skip
         if failed:
