@@ -347,7 +347,8 @@ def main() -> None:
           f"{publisher.count - published0} entries published, {delivered[0] - delivered0} "
           f"webhook deliveries accepted, {end['llm'] - base['llm']:.0f} LLM calls, "
           f"{end['posts'] - base['posts']:.0f} Slack posts")  # fmt: skip
-    print(f"whole run: {new_items} new items stored, {digests[0]} digest(s) ({digests[1]} sent), "
+    print(f"whole run: {new_items} new items stored, {digests[0]} digest item(s), {digests[1]} sent (a "
+          f"slot missed before the start is stored as skipped), "
           f"{cleared:,} seeded items older than 90 days with their texts cleared")  # fmt: skip
     print(f"CPU: {cpu:.1f} s over {wall1 - wall0:.0f} s = {100 * cpu / (wall1 - wall0):.1f}% of a "
           f"core; {cpu / max(polls, 1) * 1000:.2f} ms per poll, all work included")  # fmt: skip
