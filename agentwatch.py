@@ -1490,6 +1490,7 @@ def dead_letter_json(row: sqlite3.Row) -> dict:
 #   self.state                            its memory (JSON), committed with the poll's items
 #   await self.fetch(url, ...)            bounded by what is left of the poll's deadline,
 #                                         body capped, validators kept per URL (conditional=True)
+#                                         or under a key (conditional="key": a URL with a secret)
 #   self.raise_for_status(fetched, what)  the one meaning of an HTTP status for a poll
 #   self.rate_budget(key)                 a process-wide request budget (X-RateLimit-*, Retry-After)
 #   await budget.fetch(url, what=...)     self.fetch within that budget: waits for a slot, settles
@@ -1503,7 +1504,8 @@ def dead_letter_json(row: sqlite3.Row) -> dict:
 # The engine checks every Item at the boundary; a poll that raises anything or
 # returns something invalid makes the source a failing source (backoff, /health,
 # `status`), never a dead task. Helpers: iso, host_of, parse_retry_after,
-# html_to_text, human_duration.
+# html_to_text, human_duration, feed_entries (a feed's entries, parsed safely)
+# and entry_time (when an entry was published).
 
 
 class Secret(str):
@@ -1957,15 +1959,16 @@ class Source:
         raise_for_status(fetched, what, self.settings.retry_max)
 
     async def fetch(
-        self, url: str, *, method: str = "GET", conditional: bool = False,
+        self, url: str, *, method: str = "GET", conditional: bool | str = False,
         headers: dict | None = None, params: Any = None, data: Any = None, json: Any = None,
         auth: Any = None, follow_redirects: bool = True, deadline: float | None = None,
     ) -> Fetched:  # fmt: skip
         """Fetch within what is left of the poll's deadline (and `deadline` seconds,
         and fetch_timeout, whichever ends first), with the body capped at
         max_bytes; transport failures become TransientError. With `conditional`,
-        sends the validators stored for this URL and keeps the new ones; a 304
-        comes back with an empty body. Redirects are followed (at most 5); the
+        sends the validators stored for this URL and keeps the new ones (under the
+        key `conditional` when it is a string, so that a URL carrying a secret is
+        not stored); a 304 comes back with an empty body. Redirects are followed (at most 5); the
         caller's headers are not sent to another origin."""
         import httpx2
 
@@ -1978,7 +1981,7 @@ class Source:
         request = self.http.build_request(
             method, url, headers=headers, params=params, data=data, json=json
         )
-        key = str(request.url)
+        key = conditional if isinstance(conditional, str) else str(request.url)
         known = self.validators.get(key, {}) if conditional else {}
         if known.get("etag"):
             request.headers["If-None-Match"] = known["etag"]
@@ -2153,7 +2156,8 @@ def make_source(config: SourceConfig, settings: Settings, http: Any, shared: dic
 # ###########################################################################
 
 
-def _entry_time(entry: Any) -> float | None:
+def entry_time(entry: Any) -> float | None:
+    """When a feed entry was published (else updated, else created), epoch seconds."""
     for key in ("published_parsed", "updated_parsed", "created_parsed"):
         parsed = entry.get(key)
         if parsed:
@@ -2244,11 +2248,11 @@ def _defused(body: bytes, headers: dict) -> tuple[bytes, dict]:
     return data.replace(b"<!ENTITY", b"<!-ENTITY"), headers
 
 
-def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> list[Item]:
-    """Parse feed bytes with feedparser (which forgives broken XML and encodings).
-    Pure: tested on the corpus. Ids: entry id, else link, else a hash of title and link.
-    What a hostile feed can make of it is bounded: no entity expansion, and each
-    field cut to its limit."""
+def feed_entries(body: bytes, headers: dict | None = None, base_url: str = "") -> list:
+    """The entries of feed bytes as feedparser reads them (it forgives broken XML
+    and encodings), with no entity expansion; a TransientError when the bytes
+    are not a feed. For a source that reads a feed's own fields (`feed_items`
+    makes the usual Items)."""
     import io
 
     import feedparser
@@ -2264,8 +2268,15 @@ def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> 
             + (f" ({type(problem).__name__}: {problem})" if problem else ""),
             kind="bad_response",
         )
+    return parsed.entries
+
+
+def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> list[Item]:
+    """A feed's entries as Items. Pure: tested on the corpus. Ids: entry id, else
+    link, else a hash of title and link. What a hostile feed can make of it is
+    bounded: no entity expansion, and each field cut to its limit."""
     items, seen = [], set()
-    for entry in parsed.entries:
+    for entry in feed_entries(body, headers, base_url):
         title = _entry_text(entry, "title")[:TITLE_LIMIT]
         link = (entry.get("link", "") or "")[:URL_LIMIT]
         item_id = entry.get("id") or link
@@ -2285,7 +2296,7 @@ def feed_items(body: bytes, headers: dict | None = None, base_url: str = "") -> 
                 title=title or text[:120],
                 url=link,
                 author=(entry.get("author", "") or "")[:TITLE_LIMIT],
-                published_at=_entry_time(entry),
+                published_at=entry_time(entry),
                 body=text[:BODY_LIMIT],
                 kind="entry",
             )

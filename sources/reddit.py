@@ -7,6 +7,15 @@ Every failed poll lands on one rung of the access ladder (the StageError's
 kind: blocked, rate_limited, auth_failed, unreachable, server_error,
 bad_response) with a message saying what the user can do, so a silent Reddit
 source always has a reason in the log, in `status` and in /health.
+
+The rungs, best first: OAuth (client_id/client_secret); the public JSON
+endpoints; Reddit's RSS/Atom listings, which a source without OAuth falls back
+to when Reddit blocks its JSON (since May 2026 it does, for unauthenticated
+requests) and keeps for a day before trying JSON again; a user's private feed
+(feed_token/feed_user), read as RSS from the start. Every rung gives the same
+item ids (fullnames), so moving between them posts nothing twice. All requests
+of the process without OAuth share one pace (`anonymous_pace`); a listing the
+pace has no room for in this poll is read first in the next one.
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentwatch import (
+    Duration,
     Fetched,
     Item,
     PermanentError,
+    Secret,
     Source,
     TransientError,
     __version__,
+    entry_time,
+    feed_entries,
+    html_to_text,
     parse_retry_after,
     source,
 )
@@ -36,6 +50,9 @@ REDDIT_PAGE = 100  # the largest page Reddit serves
 REDDIT_MAX_PAGES = 10  # Reddit serves no listing past about 1,000 items anyway
 REDDIT_LOW_WATER = 0.1  # pace requests once less than this share of the window is left
 REDDIT_PENALTY = 60.0  # seconds to hold off after a 429 that says nothing about how long
+REDDIT_FEEDS = "https://www.reddit.com/prefs/feeds"
+REDDIT_REPROBE = 86400.0  # seconds on RSS after the public JSON was blocked, before trying it again
+RUNGS = {"oauth": "OAuth", "public": "public JSON", "rss": "RSS", "private": "private RSS feed"}
 _SUBREDDIT = re.compile(r"^[A-Za-z0-9_]{2,21}(\+[A-Za-z0-9_]{2,21})*$")
 _REDDIT_UA = re.compile(r"^[^\s:]+:[^\s:]+:[^\s:]+ \(by /u/[A-Za-z0-9_-]{3,20}\)$")
 
@@ -108,6 +125,69 @@ def reddit_items(listing: Any) -> tuple[list[Item], str | None]:
     return items, after if isinstance(after, str) and after else None
 
 
+# In Reddit's Atom listings: the text between these markers, the [link] of a post.
+_TEXT_MARKERS = re.compile(r"<!-- SC_OFF -->(.*?)<!-- SC_ON -->", re.DOTALL)
+_LINK_ANCHOR = re.compile(r'<a href="([^"]+)">\[link\]</a>')
+_POST_OF_COMMENT = re.compile(r"/comments/([a-z0-9]+)/", re.IGNORECASE)
+
+
+def reddit_feed_item(entry: Any) -> Item | None:
+    """One entry of an RSS/Atom listing, as the JSON rungs would give it: the same
+    fullname, permalink, author and subreddit; a comment's title is its post's
+    title. None for an entry that is not a post or a comment."""
+    name = str(entry.get("id") or "")
+    kind = name[:3]
+    if kind not in ("t3_", "t1_") or len(name) < 4:
+        return None
+    author = str(entry.get("author") or "").strip().removeprefix("/u/")
+    tags = entry.get("tags") or [{}]
+    subreddit = str(tags[0].get("term") or "")
+    content = entry.get("content") or [{}]
+    html = str(content[0].get("value") or entry.get("summary") or "")
+    marked = _TEXT_MARKERS.search(html)
+    body = html_to_text(marked.group(1)) if marked else ""
+    url = _reddit_url(str(entry.get("link") or ""))
+    title = str(entry.get("title") or "")
+    extra = {"subreddit": subreddit}
+    if kind == "t3_":
+        anchor = _LINK_ANCHOR.search(html)
+        link = html_to_text(anchor.group(1)) if anchor else ""
+        if link and link != url:
+            extra["link"] = link
+        word = "post"
+    else:
+        title = title.removeprefix(f"/u/{author} on ")
+        post = _POST_OF_COMMENT.search(url)
+        extra["post"] = f"t3_{post.group(1)}" if post else ""
+        word = "comment"
+    return Item(
+        item_id=name, title=title, url=url, author=author, published_at=entry_time(entry),
+        body=body, kind=word, extra=extra,
+    )  # fmt: skip
+
+
+def reddit_feed_items(body: bytes, headers: Any = None, where: str = "") -> list[Item]:
+    """The posts and comments of one RSS/Atom listing, newest first. Pure: tested on
+    listings rendered from recorded answers."""
+    items, seen = [], set()
+    for entry in feed_entries(body, dict(headers or {}), where):
+        item = reddit_feed_item(entry)
+        if item is not None and item.item_id not in seen:
+            seen.add(item.item_id)
+            items.append(item)
+    return items
+
+
+class _PublicBlocked(PermanentError):
+    """Reddit blocks the public JSON endpoints here: time for the RSS rung."""
+
+    def __init__(self, detail: str):
+        super().__init__(
+            f"Reddit blocks unauthenticated requests from this server ({detail})", kind="blocked"
+        )
+        self.detail = detail
+
+
 def _header_float(headers: Any, name: str) -> float | None:
     try:
         return float(headers.get(name))  # "997.0": Reddit sends floats as strings
@@ -118,7 +198,8 @@ def _header_float(headers: Any, name: str) -> float | None:
 @source("reddit")
 class RedditSource(Source):
     """New posts and comments of a subreddit, and a search sorted by new, through
-    app-only OAuth (client_id/client_secret) or else the public JSON endpoints."""
+    app-only OAuth (client_id/client_secret), else the public JSON endpoints or
+    Reddit's RSS listings, or a user's private feed (feed_token/feed_user)."""
 
     @dataclass(frozen=True)
     class Options:
@@ -130,6 +211,9 @@ class RedditSource(Source):
         user_agent: str = REDDIT_USER_AGENT
         base_url: str = "https://www.reddit.com"
         oauth_base_url: str = "https://oauth.reddit.com"
+        feed_token: Secret = Secret("")
+        feed_user: str = ""
+        anonymous_pace: Duration = Duration(60)
 
         def __post_init__(self):
             subreddit = re.sub(r"^/?r/", "", self.subreddit.strip()).strip("/")
@@ -147,6 +231,21 @@ class RedditSource(Source):
                     "client_id and client_secret go together: both from the 'script' app "
                     f"at {REDDIT_APPS}, or neither"
                 )
+            if bool(self.feed_token) != bool(self.feed_user):
+                raise ValueError(
+                    f"feed_token and feed_user go together: both from {REDDIT_FEEDS} "
+                    "(the feed= and user= of any private feed's link), or neither"
+                )
+            if self.feed_token and self.client_id:
+                raise ValueError(
+                    "feed_token/feed_user and client_id/client_secret are two ways into "
+                    "Reddit: set one pair (OAuth, when you have an approved app)"
+                )
+            object.__setattr__(self, "feed_user", self.feed_user.strip().removeprefix("u/"))
+            if self.anonymous_pace < 1:
+                raise ValueError(
+                    f'anonymous_pace must be at least "1s", got {self.anonymous_pace:g}s'
+                )
             if not _REDDIT_UA.match(self.user_agent):
                 raise ValueError(
                     "user_agent must have Reddit's form '<platform>:<app id>:<version> "
@@ -161,6 +260,15 @@ class RedditSource(Source):
     @property
     def oauth(self) -> bool:
         return bool(self.options.client_id)
+
+    def rung(self) -> str:
+        """Which way into Reddit this poll takes (a key of RUNGS)."""
+        if self.oauth:
+            return "oauth"
+        if self.options.feed_token:
+            return "private"
+        blocked_at = self.state.get("json_blocked_at") or 0
+        return "rss" if time.time() - blocked_at < REDDIT_REPROBE else "public"
 
     def listings(self) -> list[tuple[str, str, dict]]:
         """(state key, path, parameters) of each listing one poll reads. A query
@@ -190,14 +298,19 @@ class RedditSource(Source):
             watched.append(f"r/{o.subreddit} new posts")
         if o.comments:
             watched.append(f"r/{o.subreddit} new comments")
-        access = f"OAuth as client id {o.client_id}" if self.oauth else "public JSON, no OAuth"
+        if self.oauth:
+            access = f"OAuth as client id {o.client_id}"
+        elif o.feed_token:
+            access = f"the private RSS feed of u/{o.feed_user}"
+        else:
+            access = "public JSON, else RSS; no OAuth"
         return f"{' + '.join(watched)} ({access})"
 
     @staticmethod
     def describe_state(state: dict) -> str:
         parts = []
-        if mode := {"oauth": "OAuth", "public": "public JSON"}.get(state.get("mode", "")):
-            parts.append(mode)
+        if mode := RUNGS.get(state.get("mode", "")):
+            parts.append(mode + (f" ({state['why']})" if state.get("why") else ""))
         for key, word in (("posts", "post"), ("search", "search hit"), ("comments", "comment")):
             newest = (state.get(key) or {}).get("newest")
             if newest:
@@ -206,20 +319,72 @@ class RedditSource(Source):
                 parts.append(f"no {word} yet")
         if "requests" in state:
             parts.append(f"{state['requests']} request(s) last poll")
+        if state.get("deferred"):
+            parts.append(f"{state['deferred']} listing(s) left for the next poll by anonymous_pace")
         return "; ".join(parts)
 
     # --- polling -------------------------------------------------------------
 
     async def poll(self) -> list[Item]:
         self.requests = 0
-        if self.state.get("mode") != ("oauth" if self.oauth else "public"):
-            self.log.info("%s: reading Reddit %s", self.name, self.describe())
-        items: list[Item] = []
-        for key, path, params in self.listings():
-            items += await self._read(key, path, params)
-        self.state["mode"] = "oauth" if self.oauth else "public"
+        rung = self.rung()
+        try:
+            items = await self._read_listings(rung)
+        except _PublicBlocked as e:
+            self.state["json_blocked_at"] = time.time()
+            self.state["json_blocked"] = e.detail
+            rung = "rss"
+            self.log.warning(
+                "%s: Reddit blocks its public JSON here (%s); reading its RSS listings "
+                "instead, and trying JSON again in a day", self.name, e.detail,
+            )  # fmt: skip
+            items = await self._read_listings(rung)
+        if rung == "public" and self.state.pop("json_blocked_at", None):
+            self.log.info("%s: Reddit's public JSON answers again; reading it", self.name)
+            self.state.pop("json_blocked", None)
+        if self.state.get("mode") != rung:
+            self.log.info("%s: reading Reddit through %s: %s", self.name, RUNGS[rung],
+                          self.describe())  # fmt: skip
+        self.state["mode"] = rung
+        self.state["why"] = self._why(rung)
         self.state["requests"] = self.requests
         return items
+
+    def _why(self, rung: str) -> str:
+        if rung == "rss":
+            return (
+                f"Reddit blocked the public JSON {_age(time.time() - self.state['json_blocked_at'])}"
+                f" ago ({self.state.get('json_blocked', 'blocked')}); tried again daily"
+            )
+        if rung == "public":
+            return "no client_id/client_secret"
+        return ""
+
+    async def _read_listings(self, rung: str) -> list[Item]:
+        """Each listing once. Without OAuth the listings are read least recently
+        read first, and one the shared pace has no room for before this poll's
+        deadline is left for the next poll rather than failing this one."""
+        listings = self.listings()
+        if rung != "oauth":
+            listings.sort(key=lambda listing: (self.state.get(listing[0]) or {}).get("read_at", 0))
+        items: list[Item] = []
+        deferred = 0
+        for key, path, params in listings:
+            try:
+                if rung in ("rss", "private"):
+                    items += await self._read_feed(key, path, params, rung)
+                else:
+                    items += await self._read(key, path, params)
+            except TransientError as e:
+                if rung == "oauth" or e.kind != "rate_limited" or self._penalized():
+                    raise
+                deferred += 1
+        self.state["deferred"] = deferred
+        return items
+
+    def _penalized(self) -> bool:
+        """Whether Reddit itself asked this server to wait (a 429), not just the pace."""
+        return time.monotonic() < self.budget.penalty_until
 
     async def _read(self, key: str, path: str, params: dict) -> list[Item]:
         """Everything newer than what the last poll saw: pages back (`after`) until
@@ -247,15 +412,53 @@ class RedditSource(Source):
                 "%s: more than %d new items in %s since the last poll; older ones were skipped",
                 self.name, len(items), path,
             )  # fmt: skip
+        self._remember(key, items, newest_seen)
+        return items
+
+    def _remember(self, key: str, items: list[Item], newest_seen: float) -> None:
         stamps = [i.published_at for i in items if i.published_at is not None]
-        self.state[key] = {"newest": max([*stamps, newest_seen]) or None}
+        self.state[key] = {"newest": max([*stamps, newest_seen]) or None, "read_at": time.time()}
+
+    async def _read_feed(self, key: str, path: str, params: dict, rung: str) -> list[Item]:
+        """A listing's RSS/Atom form: one request of the newest REDDIT_PAGE
+        entries (the feeds have no cursor to page back with), conditional."""
+        o = self.options
+        polled_before = key in self.state
+        newest_seen = (self.state.get(key) or {}).get("newest") or 0.0
+        url = o.base_url + (path + ".rss" if path.endswith("/search") else path + "/.rss")
+        query = {**params, "limit": REDDIT_PAGE}
+        if rung == "private":
+            query.update(feed=o.feed_token, user=o.feed_user)
+        fetched = await self.budget.fetch(
+            url, what="Reddit", params=query, conditional=f"rss:{key}",
+            headers={"User-Agent": o.user_agent, "Accept": "application/atom+xml"},
+        )  # fmt: skip
+        self.requests += 1
+        if fetched.status == 304:
+            self._remember(key, [], newest_seen)
+            return []
+        items = self._decode_feed(fetched, path, rung)
+        if (
+            polled_before
+            and len(items) >= REDDIT_PAGE
+            and all(i.published_at and i.published_at > newest_seen for i in items)
+        ):
+            self.log.warning(
+                "%s: more than %d new items in %s since the last poll and RSS cannot page "
+                "back: older ones may be missed (poll more often, or set up OAuth)",
+                self.name, len(items), path,
+            )  # fmt: skip
+        self._remember(key, items, newest_seen)
         return items
 
     @property
     def budget(self):
         key = self.options.client_id  # "" without OAuth: Reddit then counts per address
         who = f"client id {key}" if key else "this server (no client_id)"
-        return self.rate_budget(f"reddit:{key}", what=who, low_water=REDDIT_LOW_WATER)
+        budget = self.rate_budget(f"reddit:{key}", what=who, low_water=REDDIT_LOW_WATER)
+        if not key:
+            budget.pace(self.options.anonymous_pace)
+        return budget
 
     @property
     def token(self):
@@ -324,14 +527,23 @@ class RedditSource(Source):
         lifetime = answer.get("expires_in")
         return value, float(lifetime) if isinstance(lifetime, int | float) else None
 
-    def _blocked(self, detail: str) -> PermanentError:
-        if not self.oauth:
+    def _blocked(self, detail: str, rung: str = "") -> PermanentError:
+        if rung == "private":
             return PermanentError(
-                f"Reddit blocks unauthenticated requests from this server ({detail}): "
-                f"create a 'script' app at {REDDIT_APPS} and set client_id and client_secret "
-                "on this source",
+                f"Reddit refused the private feed of u/{self.options.feed_user} ({detail}): "
+                f"copy feed_token and feed_user again from a feed link at {REDDIT_FEEDS} "
+                "(feed= and user= of the URL)",
+                kind="auth_failed",
+            )
+        if rung == "rss":
+            return PermanentError(
+                f"Reddit blocks both its public JSON and its RSS listings for this server "
+                f"({detail}): create a 'script' app at {REDDIT_APPS} and set client_id and "
+                f"client_secret, or set feed_token and feed_user from {REDDIT_FEEDS}",
                 kind="blocked",
             )
+        if not self.oauth:
+            return _PublicBlocked(detail)
         return PermanentError(
             f"Reddit blocked this server's requests although they carry an OAuth token "
             f"({detail}): make user_agent unique ('<platform>:<app id>:<version> "
@@ -342,7 +554,7 @@ class RedditSource(Source):
 
     def _decode(self, fetched: Fetched, path: str) -> Any:
         """The JSON of a 200 answer, or the access ladder's error for anything else."""
-        status, body = fetched.status, fetched.body
+        body = fetched.body
         html = "html" in fetched.headers.get("content-type", "").lower() or (
             body.lstrip()[:1] == b"<"
         )
@@ -351,6 +563,29 @@ class RedditSource(Source):
         except ValueError:
             data = None
         reason = data.get("reason") if isinstance(data, dict) else None
+        self._check(fetched, path, html, reason)
+        if html:
+            raise self._blocked("200 with an HTML page where JSON was expected")
+        if data is None:
+            preview = body[:60].decode("utf-8", "replace")
+            raise TransientError(
+                f"Reddit's answer to {path} is not valid JSON ({len(body)} bytes: {preview!r}): "
+                "usually a passing glitch; agentwatch retries",
+                kind="bad_response",
+            )
+        return data
+
+    def _decode_feed(self, fetched: Fetched, path: str, rung: str) -> list[Item]:
+        """The items of a 200 RSS/Atom answer, or the ladder's error for anything else."""
+        html = "html" in fetched.headers.get("content-type", "").lower()
+        self._check(fetched, path, html, None, rung)
+        if html:
+            raise self._blocked("200 with an HTML page where a feed was expected", rung)
+        return reddit_feed_items(fetched.body, fetched.headers, f"Reddit's feed of {path}")
+
+    def _check(self, fetched: Fetched, path: str, html: bool, reason: Any, rung: str = "") -> None:
+        """The access ladder's error for an answer that is not a 200."""
+        status = fetched.status
         sub = f"r/{self.options.subreddit}"
         if status == 429:
             retry_after = parse_retry_after(fetched.headers.get("retry-after"))
@@ -366,7 +601,7 @@ class RedditSource(Source):
                 kind="rate_limited",
             )
         if status == 401:  # with OAuth, _get and _token deal with it first
-            raise self._blocked("401, it asks for authentication")
+            raise self._blocked("401, it asks for authentication", rung)
         if status == 403 and reason:
             raise PermanentError(
                 f"Reddit refuses to show {sub}: it is {reason} (403). A private, quarantined "
@@ -374,7 +609,7 @@ class RedditSource(Source):
                 kind="blocked",
             )
         if status == 403:
-            raise self._blocked("403" + (", an HTML page" if html else ""))
+            raise self._blocked("403" + (", an HTML page" if html else ""), rung)
         if status == 404 or "/subreddits/search" in fetched.url:
             if reason == "banned":
                 raise PermanentError(f"{sub} is banned on Reddit (404)", kind="blocked")
@@ -392,16 +627,6 @@ class RedditSource(Source):
                 f"Reddit answered {status} to {path}: unexpected; agentwatch retries",
                 kind="bad_response",
             )
-        if html:
-            raise self._blocked("200 with an HTML page where JSON was expected")
-        if data is None:
-            preview = body[:60].decode("utf-8", "replace")
-            raise TransientError(
-                f"Reddit's answer to {path} is not valid JSON ({len(body)} bytes: {preview!r}): "
-                "usually a passing glitch; agentwatch retries",
-                kind="bad_response",
-            )
-        return data
 
 
 def _age(seconds: float) -> str:

@@ -19,6 +19,13 @@ One server plays both hosts, as the real ones behave:
   as Reddit serves its website there); `block_public = True` answers every
   one with Reddit's 403 "blocked by network security" HTML page.
 
+Without a token, Reddit's RSS/Atom listings too (`/r/X/new/.rss`,
+`/r/X/comments/.rss`, `/search.rss`, `/r/X/search.rss`): the same things in the
+Atom that Reddit writes (`atom_feed`), with an ETag and a 304 for a repeated
+one; `block_rss = True` blocks them as `block_public` blocks `.json`. A
+private feed (`?feed=TOKEN&user=NAME`, `add_feed_token`) also reads the
+listings made with `private_listing`; a wrong pair is a 403.
+
 Listings page like Reddit's: `limit` (25 by default, at most 100), `after`,
 `before`, and `after`/`before` cursors in the answer. Search (`/search`,
 `/r/X/search`) serves its own listing when one was set, else finds posts of
@@ -53,6 +60,8 @@ import base64
 import contextlib
 import copy
 import functools
+import hashlib
+import html
 import itertools
 import json
 import math
@@ -180,6 +189,62 @@ def comment(
     return {"kind": "t1", "data": data}
 
 
+def _atom_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))
+
+
+def atom_entry(thing: dict) -> str:
+    """One post or comment as an <entry> of Reddit's Atom listings: the author as
+    "/u/name", the HTML of the text between SC_OFF/SC_ON markers, Reddit's
+    "submitted by ... [link] [comments]" footer on posts, comments titled
+    "/u/name on <post title>" and dated by <updated> only."""
+    data = thing["data"]
+    author = data.get("author") or "[deleted]"
+    sub = data.get("subreddit", "")
+    # 2016 comments carry no permalink; Reddit resolves any slug.
+    permalink = data.get("permalink") or (
+        f"/r/{sub}/comments/{data.get('link_id', 't3_')[3:]}/_/{data['id']}/"
+    )
+    link = "https://www.reddit.com" + permalink.split("?", 1)[0]
+    user = f"https://www.reddit.com/user/{author}"
+    if thing["kind"] == "t3":
+        text, title = data.get("selftext") or "", data.get("title", "")
+    else:
+        text, title = data.get("body") or "", f"/u/{author} on {data.get('link_title', '')}"
+    content = ""
+    if text:
+        content = f'<!-- SC_OFF --><div class="md"><p>{html.escape(text)}</p></div><!-- SC_ON -->'
+    if thing["kind"] == "t3":
+        target = data.get("url") or link
+        content += (
+            f' &#32; submitted by &#32; <a href="{user}"> /u/{author} </a> &#32; to &#32; '
+            f'<a href="https://www.reddit.com/r/{sub}/"> r/{sub} </a> <br/> '
+            f'<span><a href="{html.escape(target)}">[link]</a></span> &#32; '
+            f'<span><a href="{link}">[comments]</a></span>'
+        )
+    stamp = _atom_time(data["created_utc"])
+    published = f"<published>{stamp}</published>" if thing["kind"] == "t3" else ""
+    return (
+        f"<entry><author><name>/u/{html.escape(author)}</name><uri>{user}</uri></author>"
+        f'<category term="{sub}" label="r/{sub}"/>'
+        f'<content type="html">{html.escape(content)}</content>'
+        f'<id>{data["name"]}</id><link href="{html.escape(link)}" />'
+        f"<updated>{stamp}</updated>{published}<title>{html.escape(title)}</title></entry>"
+    )
+
+
+def atom_feed(things: list[dict], path: str) -> bytes:
+    """Things (newest first) as one of Reddit's Atom listings."""
+    updated = _atom_time(max((t["data"]["created_utc"] for t in things), default=0))
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><feed xmlns="http://www.w3.org/2005/Atom" '
+        'xmlns:media="http://search.yahoo.com/mrss/">'
+        f"<updated>{updated}</updated><id>{path}.rss</id>"
+        f'<link rel="self" href="https://www.reddit.com{path}/.rss" type="application/atom+xml" />'
+        f"<title>{html.escape(path)}</title>" + "".join(atom_entry(t) for t in things) + "</feed>"
+    ).encode()
+
+
 def listing_body(children: list[dict], after: str | None, before: str | None) -> dict:
     return {
         "kind": "Listing",
@@ -244,6 +309,9 @@ class FakeReddit(_FakeServer):
         super().__init__()
         self.token_ttl = token_ttl
         self.block_public = False
+        self.block_rss = False
+        self._feed_tokens: dict[str, str] = {}  # user → private feed token
+        self._private: dict[str, Listing] = {}
         self._clients: dict[str, str] = {}
         self._tokens: dict[str, tuple[str, float]] = {}  # token → (client id, expires, monotonic)
         self._listings: dict[str, Listing] = {}
@@ -264,6 +332,16 @@ class FakeReddit(_FakeServer):
     def add_client(self, client_id: str, secret: str) -> None:
         with self._cond:
             self._clients[client_id] = secret
+
+    def add_feed_token(self, user: str, token: str) -> None:
+        """A user's private RSS feed token (reddit.com/prefs/feeds)."""
+        with self._cond:
+            self._feed_tokens[user] = token
+
+    def private_listing(self, path: str) -> Listing:
+        """A listing only a private feed (`?feed=&user=`) may read, as a private subreddit."""
+        with self._cond:
+            return self._private.setdefault(path.rstrip("/"), Listing(self))
 
     def listing(self, path: str) -> Listing:
         """The listing served at `path` ("/r/acme/new", "/r/acme/comments", "/search"...),
@@ -377,6 +455,8 @@ class FakeReddit(_FakeServer):
             key = client
             self._update(entry, client=client)
             path = request.path.removesuffix(".json")
+        elif request.path.endswith(".rss"):
+            return self._feed(request, query)
         else:
             if self.block_public:
                 return Response(403, BLOCKED_PAGE, dict(_HTML))
@@ -413,6 +493,36 @@ class FakeReddit(_FakeServer):
         headers["x-ratelimit-remaining"] = f"{max(0, limit - used):.1f}"
         headers["x-ratelimit-reset"] = str(max(1, math.ceil(start + window - now)))
         return used > limit
+
+    def _feed(self, request: Request, query: dict) -> Response:
+        """An RSS/Atom listing, public or private, with an ETag."""
+        if self.block_rss:
+            return Response(403, BLOCKED_PAGE, dict(_HTML))
+        private = False
+        if "feed" in query or "user" in query:
+            with self._cond:
+                known = self._feed_tokens.get(query.get("user", ""))
+            if known is None or known != query.get("feed"):
+                return Response(403, BLOCKED_PAGE, dict(_HTML))
+            private = True
+        headers = {"Content-Type": "application/atom+xml; charset=UTF-8"}
+        if self._count(f"address {request.peer[0]}", headers):
+            return Response(429, TOO_MANY_PAGE, {**_HTML, **headers})
+        path = request.path.removesuffix(".rss").rstrip("/")
+        with self._cond:
+            listing = self._private.get(path) if private else None
+        if listing is not None:
+            with self._cond:
+                body = listing.page(query)
+        else:
+            body = self._listing_answer(path, query)
+        if body is None:
+            return _error(404)
+        feed = atom_feed(body["data"]["children"], path)
+        headers["ETag"] = '"' + hashlib.sha1(feed).hexdigest()[:16] + '"'
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(304, b"", headers)
+        return Response(200, feed, headers)
 
     def _listing_answer(self, path: str, query: dict) -> dict | None:
         with self._cond:

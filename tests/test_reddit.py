@@ -40,6 +40,8 @@ def options(fake: FakeReddit, oauth: bool = True, **more) -> dict:
     found = {"subreddit": "acme", "base_url": fake.url, "oauth_base_url": fake.url}
     if oauth:
         found.update(client_id=CLIENT_ID, client_secret=SECRET)
+    else:
+        found.update(anonymous_pace="1s")
     return {**found, **more}
 
 
@@ -279,7 +281,7 @@ def test_without_credentials_the_public_json_endpoints_are_used(reddit):
     assert [i.title for i in items] == ["hello"]
     (request,) = reddit.requests()
     assert request["path"] == "/r/acme/new.json" and request["auth"] is None
-    assert src.describe_state(src.state).startswith("public JSON; newest post")
+    assert src.describe_state(src.state).startswith("public JSON (no client_id/client_secret); newest post")
 
 
 def test_each_kind_of_source_reads_its_listings(reddit):
@@ -551,7 +553,7 @@ def test_a_long_429_penalty_fails_other_sources_without_requests(reddit):
 @pytest.mark.parametrize(
     ("fault", "oauth", "kind", "words"),
     [
-        (("blocked",), False, "blocked", ["blocks unauthenticated requests", "client_id"]),
+        (("429", "30"), False, "rate_limited", ["429", "this server (no client_id)"]),
         (("blocked",), True, "blocked", ["although they carry an OAuth token", "user_agent"]),
         (("html", 200), True, "blocked", ["HTML page where JSON was expected"]),
         (("status", 403, {"reason": "private"}), True, "blocked", ["r/acme", "private"]),
@@ -578,8 +580,8 @@ def test_failures_are_told_apart_in_plain_words(reddit, fault, oauth, kind, word
         assert word in str(error)
 
 
-def test_a_blocked_public_answer_points_at_oauth(reddit):
-    reddit.block_public = True
+def test_blocked_json_and_rss_point_at_oauth_and_the_private_feed(reddit):
+    reddit.block_public = reddit.block_rss = True
 
     async def scenario():
         async with harness() as h:
@@ -590,10 +592,11 @@ def test_a_blocked_public_answer_points_at_oauth(reddit):
     error = run(scenario())
     assert error.kind == "blocked"
     assert str(error) == (
-        "Reddit blocks unauthenticated requests from this server (403, an HTML page): create a "
-        "'script' app at https://www.reddit.com/prefs/apps and set client_id and client_secret "
-        "on this source"
+        "Reddit blocks both its public JSON and its RSS listings for this server (403, an HTML "
+        "page): create a 'script' app at https://www.reddit.com/prefs/apps and set client_id and "
+        "client_secret, or set feed_token and feed_user from https://www.reddit.com/prefs/feeds"
     )
+    assert [r["path"] for r in reddit.requests()] == ["/r/acme/new.json", "/r/acme/new/.rss"]
 
 
 def test_an_unreachable_reddit_says_so(offline):
@@ -653,20 +656,21 @@ def test_the_process_stays_up_and_status_says_why_nothing_arrives(
     reddit, make_config, start_cli, run_cli
 ):
     reddit.listing("/r/acme/new").add(post())
-    config = reddit_config(make_config, reddit, llm='provider = "none"', subreddit="acme")
-    reddit.block_public = True
+    config = reddit_config(make_config, reddit, llm='provider = "none"', subreddit="acme",
+                           anonymous_pace="1s")  # fmt: skip
+    reddit.block_public = reddit.block_rss = True
     proc = start_cli("run", config=config)
-    proc.wait_for_output(r"poll r-acme failed .*blocks unauthenticated requests")
+    proc.wait_for_output(r"poll r-acme failed .*blocks both its public JSON and its RSS")
     status = run_cli("status", config=config, env={"COLUMNS": "1000"})
     assert status.returncode == 0, status.stderr
-    assert "Reddit blocks unauthenticated requests" in status.stdout
+    assert "Reddit blocks both its public JSON and its RSS listings" in status.stdout
     assert "reddit.com/prefs/apps" in status.stdout
     reddit.script([("invalid_json",)])  # taken by the next request, blocked or not
-    reddit.block_public = False
+    reddit.block_public = reddit.block_rss = False
     proc.wait_for_output(r"poll r-acme failed .*not valid JSON")
     proc.wait_for_output(r"source r-acme recovered")
     status = run_cli("status", config=config, env={"COLUMNS": "1000"})
-    assert "public JSON; newest post" in status.stdout
+    assert "public JSON (no client_id/client_secret); newest post" in status.stdout
     assert "blocks" not in status.stdout
     assert proc.returncode is None
     proc.kill(signal.SIGTERM)
