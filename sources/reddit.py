@@ -152,6 +152,7 @@ def reddit_feed_item(entry: Any) -> Item | None:
     if kind == "t3_":
         anchor = _LINK_ANCHOR.search(html)
         link = html_to_text(anchor.group(1)) if anchor else ""
+        link = link if link.startswith("http") or not link else _reddit_url(link)
         if link and link != url:
             extra["link"] = link
         word = "post"

@@ -226,7 +226,7 @@ def atom_entry(thing: dict) -> str:
     published = f"<published>{stamp}</published>" if thing["kind"] == "t3" else ""
     return (
         f"<entry><author><name>/u/{html.escape(author)}</name><uri>{user}</uri></author>"
-        f'<category term="{sub}" label="r/{sub}"/>'
+        f'<category term="{html.escape(sub)}" label="r/{html.escape(sub)}"/>'
         f'<content type="html">{html.escape(content)}</content>'
         f'<id>{data["name"]}</id><link href="{html.escape(link)}" />'
         f"<updated>{stamp}</updated>{published}<title>{html.escape(title)}</title></entry>"

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
+import json
 import logging
+import re
 import signal
 import time
 
 import agentwatch_sources.reddit as reddit_source
 import pytest
-from agentwatch_sources.reddit import reddit_items
+from agentwatch_sources.reddit import reddit_feed_items, reddit_items
 from fake_reddit import (
     TOKEN_PATH,
     FakeReddit,
+    atom_feed,
     comment,
     corpus,
     corpus_children,
@@ -129,6 +133,38 @@ def test_deleted_authors_stay_and_odd_children_are_skipped():
 def test_json_that_is_not_a_listing_is_a_bad_response(answer):
     with pytest.raises(StageError) as caught:
         reddit_items(answer)
+    assert caught.value.kind == "bad_response"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "subreddit_new.json",
+        "subreddit_comments.json",
+        "comments_stream_with_ratelimit_headers.json",
+        "search_all.json",
+        "redditor_overview_new_with_ratelimit_headers.json",
+    ],
+)
+def test_the_rss_form_of_a_listing_gives_the_same_items_as_its_json(name):
+    # The corpus has no recorded Atom listing: the fake writes the recorded
+    # things in the Atom Reddit serves (see fake_reddit.atom_entry).
+    children = corpus_children(name)
+    from_json, _ = reddit_items(corpus(name)["body"])
+    from_rss = reddit_feed_items(atom_feed(children, "/r/x/new"), None, "test")
+    assert len(from_rss) == len(from_json) > 0
+    for a, b in zip(from_json, from_rss, strict=True):
+        assert (b.item_id, b.title, b.url, b.kind) == (a.item_id, a.title, a.url, a.kind)
+        assert (b.author, b.published_at, b.extra) == (a.author, a.published_at, a.extra)
+        assert b.body == " ".join(a.body.split())  # as HTML, its line breaks are spaces
+
+
+def test_a_feed_entry_that_is_not_a_post_or_a_comment_is_skipped():
+    body = atom_feed(corpus_children("subreddit_new.json")[:2], "/r/x/new")
+    body = body.replace(b"<id>t3_48fbm9</id>", b"<id>t5_2qh1i</id>")
+    assert [i.item_id for i in reddit_feed_items(body)] == ["t3_48fbig"]
+    with pytest.raises(StageError) as caught:
+        reddit_feed_items(b"<html><body>nope</body></html>", {}, "Reddit's feed of /r/x/new")
     assert caught.value.kind == "bad_response"
 
 
@@ -281,7 +317,9 @@ def test_without_credentials_the_public_json_endpoints_are_used(reddit):
     assert [i.title for i in items] == ["hello"]
     (request,) = reddit.requests()
     assert request["path"] == "/r/acme/new.json" and request["auth"] is None
-    assert src.describe_state(src.state).startswith("public JSON (no client_id/client_secret); newest post")
+    assert src.describe_state(src.state).startswith(
+        "public JSON (no client_id/client_secret); newest post"
+    )
 
 
 def test_each_kind_of_source_reads_its_listings(reddit):
@@ -609,6 +647,183 @@ def test_an_unreachable_reddit_says_so(offline):
 
     error = run(scenario())
     assert error.kind == "unreachable" and "cannot reach Reddit" in str(error)
+
+
+# ###########################################################################
+# The RSS rung: no OAuth, and Reddit blocking its public JSON
+# ###########################################################################
+
+
+def test_a_blocked_public_json_falls_back_to_rss_and_stays_there(reddit):
+    reddit.block_public = True
+    reddit.listing("/r/acme/new").add(post(title="acme is slow"))
+    reddit.listing("/r/acme/comments").add(comment(body="it crashes", post_title="Acme 2"))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source("reddit", **options(reddit, oauth=False, comments=True))
+            first = await h.poll(src)
+            described = src.describe_state(src.state)
+            reddit.listing("/r/acme/new").add(post(title="new one"))
+            second = await h.poll(src)
+            return first, second, described, src.state
+
+    first, second, described, state = run(scenario())
+    assert [i.kind for i in first] == ["post", "comment"]
+    assert first[1].title == "Acme 2" and first[1].body == "it crashes"
+    assert [i.title for i in second] == ["new one", "acme is slow"]  # the store knows the second
+    paths = [(r["path"], r["status"]) for r in reddit.requests()]
+    assert paths == [
+        ("/r/acme/new.json", 403),
+        ("/r/acme/new/.rss", 200),
+        ("/r/acme/comments/.rss", 200),
+        ("/r/acme/new/.rss", 200),  # read least recently read first, no JSON again
+        ("/r/acme/comments/.rss", 304),  # conditional: unchanged
+    ]
+    assert re.match(
+        r"RSS \(Reddit blocked the public JSON \ds ago \(403, an HTML page\); tried again daily\)",
+        described,
+    )
+    assert reddit.requests()[1]["query"]["limit"] == "100"
+    assert state["mode"] == "rss" and "feed" not in reddit.requests()[1]["query"]
+
+
+def test_the_public_json_is_tried_again_after_a_day(reddit, monkeypatch):
+    reddit.listing("/r/acme/new").add(post(title="hello"))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source("reddit", **options(reddit, oauth=False))
+            src.state = {"mode": "rss", "json_blocked_at": time.time() - 86400 - 5}
+            return await h.poll(src), src.state
+
+    items, state = run(scenario())
+    assert [i.title for i in items] == ["hello"]
+    assert [r["path"] for r in reddit.requests()] == ["/r/acme/new.json"]
+    assert state["mode"] == "public" and "json_blocked_at" not in state
+
+
+def test_ids_are_the_same_on_every_rung(reddit):
+    reddit.listing("/r/acme/new").load("subreddit_new.json")
+    reddit.listing("/r/acme/comments").load("subreddit_comments.json")
+
+    async def scenario():
+        async with harness() as h:
+            found = {}
+            for rung, opts in {"oauth": {}, "public": {"oauth": False}}.items():
+                src = h.source("reddit", rung, **options(reddit, comments=True, **opts))
+                found[rung] = await h.poll(src)
+            reddit.block_public = True
+            src = h.source("reddit", "rss", **options(reddit, oauth=False, comments=True))
+            found["rss"] = await h.poll(src)
+            return found
+
+    found = run(scenario())
+    assert len(found["oauth"]) == 200
+    assert ids(found["oauth"]) == ids(found["public"]) == ids(found["rss"])
+    assert [i.url for i in found["rss"]] == [i.url for i in found["oauth"]]
+
+
+def test_anonymous_requests_of_every_source_share_one_pace(reddit):
+    for sub in ("a1", "b2", "c3"):
+        reddit.listing(f"/r/{sub}/new").add(post(subreddit=sub))
+
+    async def scenario():
+        async with harness() as h:
+            paces = {"a1": "2s", "b2": "1s", "c3": "3s"}
+            sources = [
+                h.source("reddit", sub, **options(reddit, oauth=False, subreddit=sub, anonymous_pace=pace))
+                for sub, pace in paces.items()
+            ]  # fmt: skip
+            await asyncio.gather(*(h.poll(src) for src in sources))
+            return [src.state["mode"] for src in sources]
+
+    assert run(scenario()) == ["public"] * 3
+    times = sorted(r["time"] for r in reddit.requests())
+    assert len(times) == 3
+    # The shortest pace set on any source (1s) spaces all of them.
+    assert all(0.95 <= later - earlier < 1.6 for earlier, later in itertools.pairwise(times))
+
+
+def test_a_listing_the_pace_cannot_fit_is_left_for_the_next_poll(reddit):
+    reddit.listing("/r/acme/new").add(post(title="p"))
+    reddit.listing("/r/acme/comments").add(comment(body="c"))
+
+    async def scenario():
+        async with harness(fetch_timeout=1) as h:  # a poll may take 14 s: less than the pace
+            src = h.source("reddit", **options(reddit, oauth=False, comments=True,
+                                               anonymous_pace="60s"))  # fmt: skip
+            first = await h.poll(src)
+            described = src.describe_state(src.state)
+            h.shared.clear()  # as if the pace's minute had passed
+            second = await h.poll(src)
+            return first, second, described
+
+    first, second, described = run(scenario())
+    assert [i.kind for i in first] == ["post"]
+    assert "1 listing(s) left for the next poll by anonymous_pace" in described
+    assert [i.kind for i in second] == ["comment"]  # the one not read goes first
+    assert [r["path"] for r in reddit.requests()] == ["/r/acme/new.json", "/r/acme/comments.json"]
+
+
+FEED_USER, FEED_TOKEN = "acme_founder", "f00dfeedcafe1234"
+
+
+def test_a_private_feed_reads_what_only_its_user_may_see(reddit):
+    reddit.add_feed_token(FEED_USER, FEED_TOKEN)
+    reddit.private_listing("/r/acmeteam/new").add(post(title="internal", subreddit="acmeteam"))
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source("reddit", **options(reddit, oauth=False, subreddit="acmeteam",
+                                               feed_token=FEED_TOKEN, feed_user=FEED_USER))  # fmt: skip
+            items = await h.poll(src)
+            return items, src.describe_state(src.state), src.describe(), src.validators
+
+    items, described, description, validators = run(scenario())
+    assert [i.title for i in items] == ["internal"] and items[0].item_id.startswith("t3_")
+    (request,) = reddit.requests()
+    assert request["path"] == "/r/acmeteam/new/.rss"
+    assert request["query"]["feed"] == FEED_TOKEN and request["query"]["user"] == FEED_USER
+    assert described.startswith("private RSS feed; newest post")
+    assert description == "r/acmeteam new posts (the private RSS feed of u/acme_founder)"
+    assert FEED_TOKEN not in json.dumps(validators)  # kept under a key, not the URL
+
+
+def test_a_wrong_feed_pair_is_auth_failed_and_never_shows_the_token(reddit):
+    reddit.add_feed_token(FEED_USER, FEED_TOKEN)
+
+    async def scenario():
+        async with harness() as h:
+            src = h.source("reddit", **options(reddit, oauth=False, feed_token="wrong-token-99",
+                                               feed_user=FEED_USER))  # fmt: skip
+            with pytest.raises(StageError) as caught:
+                await h.poll(src)
+            return caught.value
+
+    error = run(scenario())
+    assert error.kind == "auth_failed"
+    assert str(error) == (
+        "Reddit refused the private feed of u/acme_founder (403, an HTML page): copy feed_token "
+        "and feed_user again from a feed link at https://www.reddit.com/prefs/feeds (feed= and "
+        "user= of the URL)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"feed_token": "x"}, "feed_token and feed_user go together"),
+        ({"feed_token": "x", "feed_user": "u", "client_id": "c", "client_secret": "s"},
+         "two ways into Reddit"),
+        ({"anonymous_pace": "0.5s"}, 'anonymous_pace must be at least "1s"'),
+    ],
+)  # fmt: skip
+def test_bad_rss_options_are_config_errors(table, message):
+    with pytest.raises(ConfigError, match=message):
+        agentwatch.build_source_config(
+            {"name": "r", "type": "reddit", "subreddit": "acme", **table}, "sources[0]"
+        )
 
 
 # ###########################################################################
