@@ -1695,6 +1695,7 @@ class RateBudget:
         self.last_sent = -math.inf
         self.in_flight = 0
         self.sent = 0
+        self._turn = asyncio.Lock()  # FIFO: waiters go out in the order they came
 
     def pace(self, seconds: float) -> None:
         """At least `seconds` between two requests; the shortest pace asked for wins."""
@@ -1733,15 +1734,31 @@ class RateBudget:
     async def acquire(self, until: float = math.inf, lend: Callable | None = None) -> None:
         """Wait for a slot, or raise rate_limited when it would come after `until`
         (monotonic). `lend()` gives a context manager held while asleep (the
-        scheduler's way of lending the poll slot to others meanwhile)."""
-        while (wait := self.delay(time.monotonic())) > 0:
-            if time.monotonic() + wait > until:
-                raise self.rate_limited(wait)
-            async with lend() if lend else contextlib.nullcontext():
-                await asyncio.sleep(wait)
-        self.last_sent = time.monotonic()
-        self.in_flight += 1
-        self.sent += 1
+        scheduler's way of lending the poll slot to others meanwhile). Waiters
+        are served in the order they came: with woken sleepers racing for each
+        slot instead, a source that polls often could starve one that does not."""
+        if self._turn.locked():
+            try:
+                async with lend() if lend else contextlib.nullcontext():
+                    async with asyncio.timeout(
+                        None if until == math.inf else until - time.monotonic()
+                    ):
+                        await self._turn.acquire()
+            except TimeoutError:
+                raise self.rate_limited(max(1.0, self.delay(time.monotonic()))) from None
+        else:
+            await self._turn.acquire()
+        try:
+            while (wait := self.delay(time.monotonic())) > 0:
+                if time.monotonic() + wait > until:
+                    raise self.rate_limited(wait)
+                async with lend() if lend else contextlib.nullcontext():
+                    await asyncio.sleep(wait)
+            self.last_sent = time.monotonic()
+            self.in_flight += 1
+            self.sent += 1
+        finally:
+            self._turn.release()
 
     def settle(self, headers: Any) -> None:
         """A request is over (headers None: it got no answer): note what was said."""

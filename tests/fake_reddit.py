@@ -66,6 +66,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections import deque
@@ -154,7 +155,8 @@ def post(
     """A t3 thing shaped like the recorded ones (a real post's fields, replaced)."""
     data = _template("redditor_overview_new_with_ratelimit_headers.json", "t3")
     pid = id or new_id()
-    permalink = f"/r/{subreddit}/comments/{pid}/{title.lower().replace(' ', '_')[:40]}/"
+    slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:40]  # as Reddit makes them
+    permalink = f"/r/{subreddit}/comments/{pid}/{slug}/"
     data.update(
         id=pid, name=f"t3_{pid}", title=title, selftext=selftext, selftext_html=None,
         author=author, subreddit=subreddit, subreddit_name_prefixed=f"r/{subreddit}",

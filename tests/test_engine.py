@@ -420,6 +420,33 @@ def test_a_rate_budget_wait_lends_the_poll_slot_to_other_sources():
     assert other_done < waited_until, "the other source polled while the first waited"
 
 
+def test_a_paced_budget_serves_its_waiters_in_the_order_they_came():
+    # Three callers that ask again as soon as they are served, and a fourth that
+    # asks once: it goes out within one round, not whenever it wins a race.
+    async def scenario():
+        budget = RateBudget("k")
+        budget.pace(0.05)
+        order = []
+
+        async def eager(name):
+            for _ in range(8):
+                await budget.acquire()
+                order.append(name)
+
+        async def once():
+            await asyncio.sleep(0.12)
+            await budget.acquire()
+            order.append("once")
+
+        await asyncio.gather(*(eager(n) for n in "abc"), once())
+        return order
+
+    order = asyncio.run(scenario())
+    assert order.index("once") <= 7, order
+    later = [name for name in order[2:] if name != "once"]
+    assert later[:9] == ["b", "c", "a"] * 3, order  # in turn
+
+
 def test_retry_after_and_times_are_bounded_and_total():
     assert agentwatch.parse_retry_after("inf") is None
     assert agentwatch.parse_retry_after("nan") is None

@@ -905,3 +905,124 @@ def test_preview_shows_what_the_source_returns_now(reddit, make_config, run_cli)
     result = run_cli("preview", "r-acme", config=config)
     assert result.returncode == 1
     assert "r-acme: Reddit blocked this server's requests" in result.stderr
+
+
+def three_sources_config(make_config, fake: FakeReddit, oauth: str = "", health: str = ""):
+    sources = "".join(
+        f"""
+        [[sources]]
+        name = "r-{sub}"
+        type = "reddit"
+        every = "1s"
+        notify = "all"
+        subreddit = "{sub}"
+        comments = {json.dumps(sub == "acme")}
+        anonymous_pace = "1s"
+        base_url = "{fake.url}"
+        oauth_base_url = "{fake.url}"
+        {oauth}
+        """
+        for sub in ("acme", "beta", "gamma")
+    )
+    return make_config(f"""
+        [agentwatch]
+        db = "aw.db"
+        health = "{health}"
+        retry_base = "1s"
+        retry_max = "2s"
+
+        [llm]
+        about = "Acme is an analytics tool."
+
+        [slack]
+        webhook_url = "${{SLACK_WEBHOOK_URL}}"
+        {sources}
+    """)
+
+
+def test_without_oauth_rss_delivers_paced_and_oauth_later_posts_nothing_twice(
+    reddit, slack, anthropic_fake, make_config, start_cli, run_cli
+):
+    reddit.block_public = True  # Reddit since May 2026
+    for sub in ("acme", "beta", "gamma"):
+        reddit.listing(f"/r/{sub}/new").add(post(title=f"old {sub} post", subreddit=sub))
+    reddit.listing("/r/acme/comments").add(comment(body="old comment"))
+    config = three_sources_config(make_config, reddit)
+    proc = start_cli("run", config=config)
+    feeds = ["/r/acme/new/.rss", "/r/acme/comments/.rss", "/r/beta/new/.rss", "/r/gamma/new/.rss"]
+    reddit.wait_for(lambda: all(reddit.hits(f, 200) for f in feeds), timeout=30)
+    assert anthropic_fake.calls() == 0  # the baseline costs no LLM call
+
+    new = [
+        post(title="Acme lost my dashboards", subreddit="acme"),
+        comment(body="Acme crashes since 2.0", post_title="old acme post", post_id="zz9"),
+        post(title="Is Acme worth it?", subreddit="beta"),
+    ]
+    reddit.listing("/r/acme/new").add(new[0])
+    reddit.listing("/r/acme/comments").add(new[1])
+    reddit.listing("/r/beta/new").add(new[2])
+    slack.wait_for(3, timeout=40)
+    status = run_cli("status", config=config, env={"COLUMNS": "1000"})
+    assert status.returncode == 0, status.stderr
+    assert "RSS (Reddit blocked the public JSON" in status.stdout
+    assert "(403, an HTML page); tried again daily)" in status.stdout
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    assert anthropic_fake.calls("classify") == 3
+
+    anonymous = reddit.requests()
+    assert {r["path"] for r in anonymous if r["path"].endswith(".json")} == {
+        "/r/acme/new.json", "/r/beta/new.json", "/r/gamma/new.json",
+    }  # fmt: skip
+    assert all(reddit.hits(p) == 1 for p in ("/r/acme/new.json", "/r/beta/new.json"))
+    times = sorted(r["time"] for r in anonymous)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert len(times) >= 8 and min(gaps) >= 0.95, gaps  # one pace for the three sources
+
+    # An approved app arrives: the same items come through OAuth, and only the
+    # one that is new reaches Slack.
+    reddit.listing("/r/gamma/new").add(new_gamma := post(title="Acme vs Bcme", subreddit="gamma"))
+    oauth = f'client_id = "{CLIENT_ID}"\n        client_secret = "{SECRET}"'
+    config = three_sources_config(make_config, reddit, oauth=oauth)
+    before = len(reddit.requests())
+    proc = start_cli("run", config=config)
+    slack.wait_for(4, timeout=20)
+    reddit.wait_for(lambda: reddit.hits("/r/acme/comments", 200) >= 2, timeout=15)
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    assert all(r["auth"] == "bearer" for r in reddit.requests()[before:] if r["path"] != TOKEN_PATH)
+    texts = slack.texts()
+    assert len(texts) == 4
+    for thing in [*new, new_gamma]:
+        assert sum(thing["data"]["permalink"] in text for text in texts) == 1, (
+            thing["data"]["permalink"],
+            texts,
+        )
+    assert "Acme vs Bcme" in texts[3]
+
+
+def test_a_private_feed_token_never_shows_in_the_log_status_or_health(
+    reddit, make_config, start_cli, run_cli
+):
+    from test_ops import free_port, get, wait_health
+
+    reddit.add_feed_token(FEED_USER, FEED_TOKEN)
+    port = free_port()
+    config = e2e_config(
+        make_config, "reddit", 'provider = "none"', name="r-team", base_url=reddit.url,
+        subreddit="acmeteam", feed_user=FEED_USER, feed_token="${FEED_TOKEN}",
+    )  # fmt: skip
+    config.write_text(config.read_text().replace('health = ""', f'health = "127.0.0.1:{port}"'))
+    wrong = "wrong" + FEED_TOKEN
+    proc = start_cli("run", config=config, env={"FEED_TOKEN": wrong})
+    proc.wait_for_output(r"poll r-team failed .*auth_failed.*Reddit refused the private feed")
+    health = wait_health(port, proc=proc)
+    assert health["sources"]["r-team"]["last_error_kind"] == "auth_failed"
+    texts = [get(port, "/health")[2].decode(), get(port, "/metrics")[2].decode()]
+    status = run_cli("status", config=config, env={"FEED_TOKEN": wrong, "COLUMNS": "1000"})
+    assert "Reddit refused the private feed of u/acme_founder" in status.stdout
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    assert reddit.requests()[0]["query"]["feed"] == wrong  # it was sent, to Reddit only
+    for text in [*texts, status.stdout, status.stderr, proc.stderr_text(), proc.stdout_text()]:
+        assert FEED_TOKEN not in text
