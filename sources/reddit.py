@@ -311,7 +311,7 @@ class RedditSource(Source):
     def describe_state(state: dict) -> str:
         parts = []
         if mode := RUNGS.get(state.get("mode", "")):
-            parts.append(mode + (f" ({state['why']})" if state.get("why") else ""))
+            parts.append(mode + (f" ({why})" if (why := _why(state)) else ""))
         for key, word in (("posts", "post"), ("search", "search hit"), ("comments", "comment")):
             newest = (state.get(key) or {}).get("newest")
             if newest:
@@ -347,39 +347,40 @@ class RedditSource(Source):
             self.log.info("%s: reading Reddit through %s: %s", self.name, RUNGS[rung],
                           self.describe())  # fmt: skip
         self.state["mode"] = rung
-        self.state["why"] = self._why(rung)
         self.state["requests"] = self.requests
         return items
-
-    def _why(self, rung: str) -> str:
-        if rung == "rss":
-            return (
-                f"Reddit blocked the public JSON {_age(time.time() - self.state['json_blocked_at'])}"
-                f" ago ({self.state.get('json_blocked', 'blocked')}); tried again daily"
-            )
-        if rung == "public":
-            return "no client_id/client_secret"
-        return ""
 
     async def _read_listings(self, rung: str) -> list[Item]:
         """Each listing once. Without OAuth the listings are read least recently
         read first, and one the shared pace has no room for before this poll's
-        deadline is left for the next poll rather than failing this one."""
+        deadline is left for the next poll rather than failing this one.
+
+        The engine's baseline is the source's first poll: a listing the pace left
+        out of it is first read later, and what it holds then is a baseline of
+        its own, kept out of this and every later poll by its creation time."""
         listings = self.listings()
+        first_poll = not any(key in self.state for key, _, _ in listings)
         if rung != "oauth":
             listings.sort(key=lambda listing: (self.state.get(listing[0]) or {}).get("read_at", 0))
         items: list[Item] = []
         deferred = 0
         for key, path, params in listings:
+            late_first_read = not first_poll and key not in self.state
             try:
                 if rung in ("rss", "private"):
-                    items += await self._read_feed(key, path, params, rung)
+                    found = await self._read_feed(key, path, params, rung)
                 else:
-                    items += await self._read(key, path, params)
+                    found = await self._read(key, path, params)
             except TransientError as e:
                 if rung == "oauth" or e.kind != "rate_limited" or self._penalized():
                     raise
                 deferred += 1
+                continue
+            if late_first_read and found:
+                self.state[key]["baseline_until"] = self.state[key]["newest"]
+            if cutoff := self.state[key].get("baseline_until"):
+                found = [i for i in found if i.published_at and i.published_at > cutoff]
+            items += found
         self.state["deferred"] = deferred
         return items
 
@@ -418,7 +419,8 @@ class RedditSource(Source):
 
     def _remember(self, key: str, items: list[Item], newest_seen: float) -> None:
         stamps = [i.published_at for i in items if i.published_at is not None]
-        self.state[key] = {"newest": max([*stamps, newest_seen]) or None, "read_at": time.time()}
+        newest = max([*stamps, newest_seen]) or None
+        self.state[key] = {**(self.state.get(key) or {}), "newest": newest, "read_at": time.time()}
 
     async def _read_feed(self, key: str, path: str, params: dict, rung: str) -> list[Item]:
         """A listing's RSS/Atom form: one request of the newest REDDIT_PAGE
@@ -628,6 +630,16 @@ class RedditSource(Source):
                 f"Reddit answered {status} to {path}: unexpected; agentwatch retries",
                 kind="bad_response",
             )
+
+
+def _why(state: dict) -> str:
+    """Why a source is on its rung, for `status`."""
+    if state.get("mode") == "rss" and state.get("json_blocked_at"):
+        return (
+            f"Reddit blocked the public JSON {_age(time.time() - state['json_blocked_at'])} ago "
+            f"({state.get('json_blocked', 'blocked')}); tried again daily"
+        )
+    return "no client_id/client_secret" if state.get("mode") == "public" else ""
 
 
 def _age(seconds: float) -> str:
