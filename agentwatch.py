@@ -5161,7 +5161,8 @@ async def send_digest_now(config: Config, store: Store, facts: dict) -> str:
 
 USER_AGENT = f"agentwatch/{__version__} (+https://github.com/agentwatch/agentwatch)"
 POLLS_AT_ONCE = 50  # concurrent polls: a start-up burst never holds 1,000 answers
-START_SPREAD = 60.0  # seconds over which sources overdue at start are spread
+START_SPREAD = 60.0  # seconds over which sources starting together are spread
+POLL_TICK = 1.0  # seconds: polls wait for the next tick (at most this late)
 SHUTDOWN_GRACE = 10.0  # seconds in-flight items get to finish on SIGTERM
 # [agentwatch] keys a SIGHUP cannot change: the process is built on them.
 RESTART_KEYS = ("db", "pidfile", "health", "hooks")
@@ -5722,7 +5723,9 @@ class Scheduler:
         while not rt.stopping.is_set():
             wait = due - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)  # shutdown cancels this task
+                # Woken on the next whole POLL_TICK: sources due within the same tick
+                # poll together, and a wake-up alone costs about what a poll does.
+                await asyncio.sleep(wait + (-due) % POLL_TICK)  # shutdown cancels this task
                 continue
             try:
                 due = await self.poll_in_slot(src, due)
@@ -5732,9 +5735,10 @@ class Scheduler:
                 due = time.monotonic() + src.config.every
 
     def first_delay(self, src: Source) -> float:
-        """A restart keeps each source's schedule; a brand-new source polls at once;
-        sources overdue at start are spread over their interval (at most a minute)
-        instead of all polling in the same instant, and staying in step."""
+        """A restart keeps each source's schedule; a brand-new source polls at once
+        (its next poll comes up to a minute late, see `poll`); sources overdue at start
+        are spread over their interval (at most a minute) instead of all polling in the
+        same instant, and staying in step."""
         try:
             row = self.rt.store.source_row(src.name, src.type)
         except sqlite3.Error as e:
@@ -5789,6 +5793,10 @@ class Scheduler:
                 stages=src.stages, now=now,
             )  # fmt: skip
             next_due = due + config.every
+            if not row["baseline_done"]:
+                # Sources added together would otherwise poll in step for good: a burst
+                # every interval, and a connection pool grown to the burst's size.
+                next_due += random.uniform(0, min(config.every, START_SPREAD))
             if next_due <= time.monotonic():  # late by a whole interval: skip, do not rush
                 next_due = time.monotonic() + config.every
             rt.store.record_poll(

@@ -16,15 +16,29 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fakes import FakeAnthropic, FakeFeeds, FakeSlack, rss  # noqa: E402
 
-__all__ = ["FakeAnthropic", "FakeFeeds", "FakeSlack", "cpu_seconds", "rss", "rss_mb", "start"]
+__all__ = [
+    "FakeAnthropic",
+    "FakeFeeds",
+    "FakeSlack",
+    "cpu_seconds",
+    "cpu_times",
+    "rss",
+    "rss_mb",
+    "start",
+]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def rss_mb(pid: int) -> float:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import FakeFeeds, cpu_seconds, feed_config, rss_mb, serve_feeds, start, wait
+from common import FakeFeeds, cpu_times, feed_config, rss_mb, serve_feeds, start, wait
 
 
 def main() -> None:
@@ -35,16 +35,19 @@ def main() -> None:
             print(f"cold first pass: {args.sources} feeds in {times[-1] - times[0]:.2f} s "
                   f"(first request to last)")  # fmt: skip
             time.sleep(args.warmup)  # let the baseline writes settle
-            cpu0, wall0, hits0 = cpu_seconds(proc.pid), time.monotonic(), feeds.hits()
+            (user0, sys0), wall0, hits0 = cpu_times(proc.pid), time.monotonic(), feeds.hits()
             rss_start = rss_mb(proc.pid)
             time.sleep(args.minutes * 60)
-            cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
+            (user1, sys1), wall1 = cpu_times(proc.pid), time.monotonic()
+            cpu0, cpu1 = user0 + sys0, user1 + sys1
             polls = feeds.hits() - hits0
             not_modified = sum(1 for r in feeds.requests[hits0:] if r["status"] == 304)
             share = (cpu1 - cpu0) / (wall1 - wall0) * 100
             print(f"steady: {polls} polls ({not_modified} answered 304) in {wall1 - wall0:.0f} s, "
                   f"CPU {cpu1 - cpu0:.2f} s = {share:.2f}% of one core, "
-                  f"{(cpu1 - cpu0) / max(polls, 1) * 1000:.2f} ms CPU per poll")  # fmt: skip
+                  f"{(cpu1 - cpu0) / max(polls, 1) * 1000:.2f} ms CPU per poll "
+                  f"({(user1 - user0) / max(polls, 1) * 1000:.2f} user, "
+                  f"{(sys1 - sys0) / max(polls, 1) * 1000:.2f} system)")  # fmt: skip
             print(
                 f"RSS: {rss_start:.1f} MB after the first pass, {rss_mb(proc.pid):.1f} MB at the end"
             )

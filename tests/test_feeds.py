@@ -131,3 +131,46 @@ def test_a_failing_source_backs_off_and_stays_out_of_the_dlq(feeds, make_config,
     assert rows(tmp_path / "aw.db", "SELECT * FROM items") == []
     status = run_cli("status", config=config)
     assert "500" in status.stdout and "dead-letter queue: 0" in status.stdout
+
+
+def test_sources_due_within_the_same_second_poll_together(
+    feeds, make_config, run_cli, start_cli, tmp_path
+):
+    # Each wake-up costs about as much CPU as a poll: the scheduler wakes once a tick
+    # (POLL_TICK, a second) for every source due in it, not once per source.
+    import sqlite3
+    import time
+
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        feeds.set(f"/{name}.xml", rss([]))
+    config = make_config(
+        '[agentwatch]\nhealth = ""\ndb = "aw.db"\n'
+        + "".join(
+            f'[[sources]]\nname = "{n}"\ntype = "rss"\nurl = "{feeds.url}/{n}.xml"\nevery = "1s"\n'
+            for n in names
+        )
+    )
+    assert run_cli("run", "--once", config=config).returncode == 0
+    # Schedules a quarter of a second apart, as after a restart: kept, but rounded up
+    # to the tick, so they poll in one wave a second.
+    with sqlite3.connect(tmp_path / "aw.db") as db:
+        for i, name in enumerate(names):
+            db.execute("UPDATE sources SET next_poll_at = ? WHERE name = ?",
+                       (time.time() + 3 + i * 0.25, name))  # fmt: skip
+    first = len(feeds.requests)
+    proc = start_cli("run", config=config)
+    try:
+        feeds.wait_for(first + 4 * 7, timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    times = sorted(r["time"] for r in feeds.requests[first:])
+    waves = [[times[0]]]
+    for t in times[1:]:
+        if t - waves[-1][0] < 0.5:
+            waves[-1].append(t)
+        else:
+            waves.append([t])
+    # (the first wave may be cut by start-up: a source overdue by then polls at once)
+    assert all(len(w) == 4 for w in waves[1:-1]), f"polls not grouped by tick: {times}"
