@@ -24,7 +24,6 @@ Table of contents: grep -n '^# .*###' agentwatch.py
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -35,13 +34,11 @@ import hmac
 import importlib.util
 import json
 import logging
-import logging.handlers
 import math
 import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -58,7 +55,25 @@ from typing import Any, ClassVar, Literal
 import typer
 
 # httpx2 (~50 ms), feedparser (~35 ms) and anthropic (~50 MB, ~1 s) are imported
-# where they are used, so that `dlq list`, `status` and `--help` start fast.
+# where they are used, so that `dlq list`, `status` and `--help` start fast. asyncio
+# (~20 ms with the socket and ssl modules it brings) is used in too many places for
+# that, so it is loaded lazily instead: the module object is real and in
+# sys.modules, and its code runs on the first attribute looked up, which the light
+# commands never do.
+
+
+def _lazy_import(name: str) -> types.ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+asyncio = _lazy_import("asyncio")
 
 __version__ = "0.1.0"
 
@@ -1739,11 +1754,9 @@ class RateBudget:
         slot instead, a source that polls often could starve one that does not."""
         if self._turn.locked():
             try:
-                async with lend() if lend else contextlib.nullcontext():
-                    async with asyncio.timeout(
-                        None if until == math.inf else until - time.monotonic()
-                    ):
-                        await self._turn.acquire()
+                deadline = None if until == math.inf else until - time.monotonic()
+                async with lend() if lend else contextlib.nullcontext(), asyncio.timeout(deadline):
+                    await self._turn.acquire()
             except TimeoutError:
                 raise self.rate_limited(max(1.0, self.delay(time.monotonic()))) from None
         else:
@@ -5214,8 +5227,11 @@ def setup_logging(
 ) -> None:
     settings = config.agentwatch if config else Settings()
     if config and settings.log_file:
+        # With socket and pickle, ~6 ms that the light commands skip.
+        from logging.handlers import WatchedFileHandler
+
         # WatchedFileHandler reopens the file when logrotate moves it away.
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(
+        handler: logging.Handler = WatchedFileHandler(
             config.resolve(settings.log_file), encoding="utf-8"
         )
     else:
@@ -5236,7 +5252,9 @@ def setup_logging(
 
 
 @functools.cache
-def _datagram_socket() -> socket.socket:
+def _datagram_socket() -> Any:  # a socket.socket
+    import socket
+
     return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
 
@@ -5305,8 +5323,8 @@ class Runtime:
     slack: Slack
     dry_run: bool = False
     metrics: Counter = field(default_factory=Counter)
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: asyncio.Event = field(default_factory=lambda: asyncio.Event())
+    wake: asyncio.Event = field(default_factory=lambda: asyncio.Event())
     started_at: float = field(default_factory=time.time)
     last_tick_at: float | None = None
     last_event_at: float | None = None
@@ -5359,8 +5377,10 @@ class Runtime:
 READ_AHEAD = 256 * 1024  # bytes buffered before the transport stops reading
 
 
-class _StreamProtocol(asyncio.Protocol):
-    """Received bytes and the connection's end, for one _AsyncioStream."""
+class _StreamProtocol:
+    """Received bytes and the connection's end, for one _AsyncioStream. It has all
+    of asyncio.Protocol's methods rather than subclassing it, which would load
+    asyncio when this module is imported (see _lazy_import)."""
 
     def __init__(self) -> None:
         self.transport: Any = None
@@ -7147,7 +7167,7 @@ def selftest_row() -> dict:
         "title": "agentwatch test message: this destination works",
         "url": "", "author": "", "published_at": now, "classification": None,
         "summary": "", "draft": None, "extra": "{}",
-        "body": f"Sent by `agentwatch test` on {socket.gethostname()}. Nothing to do.",
+        "body": f"Sent by `agentwatch test` on {os.uname().nodename}. Nothing to do.",
     }  # fmt: skip
 
 

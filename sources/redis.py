@@ -22,9 +22,8 @@ redis-py is imported in `poll` only, so `dlq list` and `status` never load it.
 
 from __future__ import annotations
 
-import asyncio
+import os
 import re
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -138,7 +137,7 @@ class RedisStream(Source):
 
     @property
     def consumer(self) -> str:
-        return self.options.consumer or socket.gethostname()
+        return self.options.consumer or os.uname().nodename  # the host name
 
     def describe(self) -> str:
         o = self.options
@@ -152,6 +151,8 @@ class RedisStream(Source):
     # --- Redis --------------------------------------------------------------
 
     def client(self) -> Any:
+        import asyncio  # not at the top: `dlq list` and `status` import every source
+
         import redis.asyncio
 
         key = (self.options.url, id(asyncio.get_running_loop()))
@@ -165,6 +166,8 @@ class RedisStream(Source):
         return found
 
     async def poll(self) -> list[Item]:
+        import asyncio
+
         import redis.exceptions
 
         self.unacked = []

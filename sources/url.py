@@ -15,7 +15,6 @@ A failed check is a successful poll: the source is healthy, the URL is not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -165,6 +164,7 @@ def certificate_not_after(der: bytes) -> float:
 async def read_certificate(host: str, port: int, timeout: float) -> float:
     """The expiry of the certificate host:port presents, verified or not: whether
     it verifies is the page check's business (httpx2 verifies every request)."""
+    import asyncio  # not at the top: `dlq list` and `status` import every source
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store to load: ~15 ms saved
@@ -298,6 +298,8 @@ class URLSource(Source):
         return items
 
     async def check(self) -> URLCheck:
+        import asyncio
+
         o = self.options
         try:
             fetched = await self.fetch(
