@@ -4506,6 +4506,7 @@ def _db_size(path: Path) -> int:
 OWN_SOURCE = "agentwatch"
 JOBS_EVERY = 1.0  # seconds between two looks at the clock and the DLQ's depth
 JOBS_RETRY = 60.0  # seconds before the next look after the database refused one
+TRIM_EVERY = 30.0  # seconds between two returns of freed C-heap memory to the system
 ON_TIME = 60.0  # a slot this late is on time whatever `grace` says (a slow loop, a busy disk)
 DAY = 86400.0
 SILENT_WINDOW = 30 * DAY  # the history a source's usual pace is learnt from
@@ -5583,6 +5584,22 @@ def make_llm(config: Config, store: Store, metrics: Counter, http: Any) -> LLM |
     return LLM(config.llm, store, metrics, http, config.knowledge)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not musl, macOS)
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). On its
+    own glibc returns only the top of its heap, so the objects of a burst of polls
+    (every source at start, 50 at once) stay resident after they are freed: with
+    1,000 feeds, 7 MB of a 52 MB RSS, for good. It costs about a millisecond."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
 class Scheduler:
     """Polls each source on its own interval (one task per source, so a source
     never overlaps itself) and feeds the pipeline."""
@@ -5691,8 +5708,13 @@ class Scheduler:
     async def jobs_loop(self) -> None:
         """The digest and the DLQ alert, looked at every JOBS_EVERY seconds (a SIGHUP's
         new [digest] applies at the next look). A look the database refuses is
-        logged and tried again in a minute."""
+        logged and tried again in a minute. Every TRIM_EVERY, freed memory is
+        returned to the system."""
+        next_trim = time.monotonic() + TRIM_EVERY
         while not self.rt.stopping.is_set():
+            if time.monotonic() >= next_trim:
+                next_trim = time.monotonic() + TRIM_EVERY
+                release_freed_memory()
             try:
                 run_jobs(self.rt, time.time())
             except sqlite3.Error as e:  # locked by another process for long, disk full
