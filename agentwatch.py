@@ -5803,6 +5803,9 @@ class Scheduler:
             if src._slot_held:
                 self.poll_slots.release()
             src._slot, src._slot_held = None, False
+            # `poll` reads both from the database each time; kept between polls they
+            # would cost about 0.5 KB of heap per source for nothing.
+            src.state, src.validators = {}, {}
 
     async def poll(self, src: Source, due: float | None = None) -> float:
         """Poll one source and store what it found; returns when (monotonic) to poll
