@@ -9,9 +9,11 @@ kill between an LLM call and its commit cannot be hit by timing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import re
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -490,6 +492,58 @@ def test_a_hostile_retry_after_cannot_push_a_source_to_infinity(
     assert health["sources"]["f"]["last_error_kind"] == "rate_limited"
     status = run_cli("status", config=config)
     assert status.returncode == 0, status.stderr
+
+
+SLOW = """
+import asyncio
+import time
+from dataclasses import dataclass
+
+from agentwatch import Source, source
+
+
+@source("slow")
+class Slow(Source):
+    @dataclass(frozen=True)
+    class Options:
+        log_file: str
+
+    async def poll(self):
+        with open(self.options.log_file, "a") as log:
+            log.write(f"{self.name} start {time.time()}\\n")
+        await asyncio.sleep(1.5)  # longer than its `every`
+        with open(self.options.log_file, "a") as log:
+            log.write(f"{self.name} end {time.time()}\\n")
+        return []
+"""
+
+
+def test_a_poll_longer_than_its_interval_never_overlaps_itself(tmp_path, start_cli):
+    drop_in(tmp_path, "slow", SLOW)
+    polls = tmp_path / "polls.log"
+    port = free_port()
+    config = write_config(tmp_path, port, rest='[llm]\nprovider = "none"\n' + "".join(
+        f'[[sources]]\nname = "{name}"\ntype = "slow"\nlog_file = "{polls}"\nevery = "1s"\n'
+        for name in ("a", "b")))  # fmt: skip
+    proc = start_cli("run", config=config)
+
+    def spans(name: str) -> list[tuple[float, float]]:
+        lines = [line.split() for line in polls.read_text().splitlines()] if polls.exists() else []
+        starts = [float(t) for n, what, t in lines if n == name and what == "start"]
+        ends = [float(t) for n, what, t in lines if n == name and what == "end"]
+        return list(zip(starts, ends, strict=False))
+
+    wait_until(lambda: min(len(spans("a")), len(spans("b"))) >= 3,
+               timeout=30, what="three polls of each source")  # fmt: skip
+    proc.kill(signal.SIGTERM)
+    assert proc.wait() == 0
+    for name in ("a", "b"):
+        mine = spans(name)
+        assert all(start < end for start, end in mine)
+        assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(mine)), mine
+    # ...while two sources poll at the same time: both were due at start.
+    (a_start, a_end), (b_start, b_end) = spans("a")[0], spans("b")[0]
+    assert a_start < b_end and b_start < a_end
 
 
 def test_v1_drop_in_names_keep_working(tmp_path):
