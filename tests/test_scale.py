@@ -285,6 +285,35 @@ def test_retention_gives_the_space_back(tmp_path):
     store.close()
 
 
+def test_vacuum_steps_shrink_on_a_slow_disk_and_grow_on_a_fast_one(tmp_path, monkeypatch):
+    """Each vacuum step holds the write lock and the event loop: one that took
+    longer than VACUUM_STEP_SECONDS halves the next, one far quicker doubles it."""
+    assert agentwatch.vacuum_pages_after(256, 10.0) == 128
+    assert agentwatch.vacuum_pages_after(256, 0.001) == 512
+    assert agentwatch.vacuum_pages_after(1024, 0.001) == 1024, "at most 4 MB a step"
+    assert agentwatch.vacuum_pages_after(256, agentwatch.VACUUM_STEP_SECONDS / 2) == 256
+    store = Store(tmp_path / "aw.db")
+    store.source_row("feed", "rss")
+    text = "lorem ipsum dolor sit amet " * 100
+    poll_into(store, "feed", [Item(f"i{i}", title=f"t{i}", body=text) for i in range(3000)])
+    with store.transaction() as db:
+        db.execute("UPDATE items SET stage = 'done', status = 'skipped'")
+    age(store, 100)
+    steps = []
+
+    def recorded(store, pages):
+        steps.append(pages)
+        return vacuum_step(store, pages)
+
+    vacuum_step = agentwatch.vacuum_step
+    monkeypatch.setattr(agentwatch, "vacuum_step", recorded)
+    monkeypatch.setattr(agentwatch, "VACUUM_STEP_SECONDS", 0.0)  # every step is too slow
+    assert asyncio.run(retention_pass(store, 90 * DAY, pause=0)) == 3000
+    assert steps[:6] == [256, 128, 64, 32, 16, 16], steps
+    assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0, "and the file shrank"
+    store.close()
+
+
 def test_rows_that_reference_items_survive_retention(store):
     """A batch deletes and re-inserts its rows: a table referring to items(id)
     without ON DELETE keeps its rows and its foreign key holds."""
