@@ -4481,9 +4481,9 @@ async def retention_pass(
 
 
 def vacuum_pages_after(pages: int, took: float) -> int:
-    """The size of the next vacuum step. Moving a page costs from a few to a hundred
-    microseconds (on one 2-core VM, 256 pages took 70 ms as a rule and up to 1.4 s),
-    so a slow step halves the next and a quick one doubles it."""
+    """The size of the next vacuum step. What moving a page costs varies too much
+    for a fixed size (on one 2-core VM, 256 pages took 70 ms as a rule and up to
+    1.4 s), so a slow step halves the next and a quick one doubles it."""
     if took > VACUUM_STEP_SECONDS:
         return max(VACUUM_PAGES_MIN, pages // 2)
     if took < VACUUM_STEP_SECONDS / 4:

@@ -259,14 +259,20 @@ def test_an_item_whose_body_was_cleared_is_not_fetched_as_new(store):
     assert poll_into(store, "feed", again) == 0, "nothing is new after its body was cleared"
 
 
-def test_retention_gives_the_space_back(tmp_path):
-    store = Store(tmp_path / "aw.db")
-    assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2, "new files: incremental"
+def finished_with_text(path, n: int) -> Store:
+    """A store of `n` skipped items with 2.7 KB bodies each, just fetched."""
+    store = Store(path)
     store.source_row("feed", "rss")
     text = "lorem ipsum dolor sit amet " * 100
-    poll_into(store, "feed", [Item(f"i{i}", title=f"t{i}", body=text) for i in range(3000)])
+    poll_into(store, "feed", [Item(f"i{i}", title=f"t{i}", body=text) for i in range(n)])
     with store.transaction() as db:
         db.execute("UPDATE items SET stage = 'done', status = 'skipped'")
+    return store
+
+
+def test_retention_gives_the_space_back(tmp_path):
+    store = finished_with_text(tmp_path / "aw.db", 3000)
+    assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2, "new files: incremental"
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = (tmp_path / "aw.db").stat().st_size
     age(store, 100)
@@ -292,20 +298,14 @@ def test_vacuum_steps_shrink_on_a_slow_disk_and_grow_on_a_fast_one(tmp_path, mon
     assert agentwatch.vacuum_pages_after(256, 0.001) == 512
     assert agentwatch.vacuum_pages_after(1024, 0.001) == 1024, "at most 4 MB a step"
     assert agentwatch.vacuum_pages_after(256, agentwatch.VACUUM_STEP_SECONDS / 2) == 256
-    store = Store(tmp_path / "aw.db")
-    store.source_row("feed", "rss")
-    text = "lorem ipsum dolor sit amet " * 100
-    poll_into(store, "feed", [Item(f"i{i}", title=f"t{i}", body=text) for i in range(3000)])
-    with store.transaction() as db:
-        db.execute("UPDATE items SET stage = 'done', status = 'skipped'")
+    store = finished_with_text(tmp_path / "aw.db", 3000)
     age(store, 100)
-    steps = []
+    steps, vacuum_step = [], agentwatch.vacuum_step
 
     def recorded(store, pages):
         steps.append(pages)
         return vacuum_step(store, pages)
 
-    vacuum_step = agentwatch.vacuum_step
     monkeypatch.setattr(agentwatch, "vacuum_step", recorded)
     monkeypatch.setattr(agentwatch, "VACUUM_STEP_SECONDS", 0.0)  # every step is too slow
     assert asyncio.run(retention_pass(store, 90 * DAY, pause=0)) == 3000
